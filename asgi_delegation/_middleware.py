@@ -1,0 +1,268 @@
+"""DelegationMiddleware: the pure ASGI middleware that authenticates every request."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, urlsplit
+
+import httpx
+
+from ._answers import Answer, Answers
+from ._context import AccessContext
+from ._discovery import Discovery
+from ._errors import ConfigurationError
+from ._jwks import ALGORITHM_KEYS, JWKS
+from ._metadata import ResourceMetadata
+from ._refresh import Unavailable
+from ._tokens import InvalidToken, TokenValidator
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._urls import secure_url
+
+#: The algorithms accepted by default: every asymmetric JWS algorithm in common use.
+#: ``none`` and the HMAC family are never accepted: a resource server holds no shared secret.
+DEFAULT_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "Ed25519",
+)
+# RFC 6749 scope-token characters: printable ASCII without space, '"' and '\'.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+
+
+def _scopes(value: Iterable[str], what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ConfigurationError(f"{what} must be a list of scopes, not a string")
+    scopes = tuple(dict.fromkeys(value))
+    for scope in scopes:
+        if not isinstance(scope, str) or not _SCOPE_TOKEN.fullmatch(scope):
+            raise ConfigurationError(f"{what} holds a scope that is not an RFC 6749 scope token")
+    return scopes
+
+
+def _algorithms(value: Iterable[str]) -> frozenset[str]:
+    algorithms = frozenset(value)
+    for alg in algorithms:
+        if alg not in ALGORITHM_KEYS:
+            raise ConfigurationError(
+                f"algorithm {alg!r} is not accepted: only asymmetric JWS algorithms are "
+                f"({', '.join(ALGORITHM_KEYS)}); 'none' and HS* never are"
+            )
+    if not algorithms:
+        raise ConfigurationError("algorithms must name at least one algorithm")
+    return algorithms
+
+
+def _bounded(value: float, what: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigurationError(f"{what} must be a number")
+    if not low <= value <= high:
+        raise ConfigurationError(f"{what} must be between {low:g} and {high:g}")
+    return value
+
+
+class DelegationMiddleware:
+    """Authenticate every HTTP request and WebSocket handshake with a bearer JWT.
+
+    Wrap any ASGI application. Requests with a valid token reach the application with an
+    :class:`AccessContext` at ``scope["state"]["access_context"]``; the others are answered here
+    with RFC 6750 challenges. The RFC 9728 protected resource metadata is served at
+    ``/.well-known/oauth-protected-resource`` (and its path-suffixed form).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        issuer: str,
+        resource: str,
+        audience: str | Iterable[str] | None = None,
+        required_scopes: Iterable[str] = (),
+        scopes_supported: Iterable[str] | None = None,
+        public_paths: Iterable[str] = (),
+        algorithms: Iterable[str] = DEFAULT_ALGORITHMS,
+        leeway: float = 30.0,
+        max_token_bytes: int = 16 * 1024,
+        require_at_jwt: bool = False,
+        jwks_uri: str | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        http_timeout: float = 10.0,
+        jwks_refetch_cooldown: float = 30.0,
+        token_cache_size: int = 10_000,
+    ) -> None:
+        self.app = app
+        issuer = secure_url(issuer, "issuer")
+        if urlsplit(issuer).query:
+            raise ConfigurationError("issuer must not have a query")
+        resource = secure_url(resource, "resource")
+        if audience is None:
+            audiences = frozenset({resource})
+        elif isinstance(audience, str):
+            audiences = frozenset({audience})
+        else:
+            audiences = frozenset(audience)
+        if not audiences or not all(isinstance(a, str) and a for a in audiences):
+            raise ConfigurationError("audience must be a non-empty string or list of strings")
+        self._required = frozenset(_scopes(required_scopes, "required_scopes"))
+        supported = _scopes(
+            required_scopes if scopes_supported is None else scopes_supported, "scopes_supported"
+        )
+        self._public_exact, self._public_prefixes = self._public_paths(public_paths)
+        timeout = _bounded(http_timeout, "http_timeout", 0.1, 120)
+        cooldown = _bounded(jwks_refetch_cooldown, "jwks_refetch_cooldown", 0, 86400)
+        self._owns_client = http_client is None
+        self._client = http_client or httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+        )
+        discovery = Discovery(issuer, self._client, deadline=timeout)
+        accepted = _algorithms(algorithms)
+        jwks = JWKS(
+            discovery,
+            self._client,
+            jwks_uri=None if jwks_uri is None else secure_url(jwks_uri, "jwks_uri"),
+            algorithms=accepted,
+            deadline=timeout,
+            cooldown=cooldown,
+        )
+        self._validator = TokenValidator(
+            jwks,
+            issuer=issuer,
+            audiences=audiences,
+            algorithms=accepted,
+            leeway=_bounded(leeway, "leeway", 0, 300),
+            max_bytes=int(_bounded(max_token_bytes, "max_token_bytes", 256, 1024 * 1024)),
+            require_at_jwt=require_at_jwt,
+            cache_size=int(_bounded(token_cache_size, "token_cache_size", 1, 10_000_000)),
+        )
+        self._metadata = ResourceMetadata(resource, issuer, supported)
+        self._answers = Answers(self._metadata.url, sorted(self._required))
+
+    @staticmethod
+    def _public_paths(paths: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
+        if isinstance(paths, str):
+            raise ConfigurationError("public_paths must be a list of paths, not a string")
+        paths = tuple(paths)
+        if not all(isinstance(p, str) and p.startswith("/") for p in paths):
+            raise ConfigurationError("public_paths entries must be paths starting with '/'")
+        # An entry ending in '/' covers everything below it; any other entry is exact.
+        return (
+            frozenset(p for p in paths if not p.endswith("/") or p == "/"),
+            tuple(p for p in paths if p.endswith("/") and p != "/"),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        elif scope["type"] == "lifespan" and self._owns_client:
+            await self.app(scope, receive, self._closing_client_on_shutdown(send))
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if path in self._metadata.paths:
+            await self._metadata.serve(scope["method"], send)
+            return
+        if self._is_public(path) or (scope["method"] == "OPTIONS" and _is_preflight(scope)):
+            await self.app(scope, receive, send)
+            return
+        outcome = await self._authenticate(scope)
+        if isinstance(outcome, Answer):
+            await outcome.send_http(send)
+            return
+        scope.setdefault("state", {})["access_context"] = outcome
+        await self.app(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._is_public(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        outcome = await self._authenticate(scope)
+        if isinstance(outcome, Answer):
+            await receive()  # the websocket.connect event, answered by the refusal
+            await outcome.refuse_websocket(send)
+            return
+        scope.setdefault("state", {})["access_context"] = outcome
+        await self.app(scope, receive, send)
+
+    def _is_public(self, path: str) -> bool:
+        if path in self._public_exact:
+            return True
+        if not self._public_prefixes or _DOT_SEGMENT.search(path):
+            return False
+        return path.startswith(self._public_prefixes)
+
+    async def _authenticate(self, scope: Scope) -> AccessContext | Answer:
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                if header is not None:
+                    return _TWO_HEADERS
+                header = value
+        query = scope["query_string"]
+        # The name may arrive percent-encoded (access%5Ftoken): then only parsing can tell.
+        if (b"access_token" in query or b"%" in query) and _query_has_token(query):
+            return _TOKEN_IN_HEADER_AND_QUERY if header is not None else _TOKEN_IN_QUERY
+        if header is None:
+            return self._answers.missing
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return self._answers.missing
+        token = token.strip(b" ")
+        if not token:
+            return _EMPTY_TOKEN
+        try:
+            valid = self._validator.cached(token) or await self._validator.validate(token)
+        except InvalidToken as exc:
+            return self._answers.invalid_token(exc.reason)
+        except Unavailable as exc:
+            return Answers.unavailable(exc.retry_after)
+        if not self._required <= valid.scopes:
+            return self._answers.insufficient_scope
+        return AccessContext(valid, token)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client the middleware created (not one passed as ``http_client``).
+
+        Done automatically when the server runs the lifespan protocol's shutdown."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    def _closing_client_on_shutdown(self, send: Send) -> Send:
+        async def send_then_close(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.aclose()
+            await send(message)
+
+        return send_then_close
+
+
+def _is_preflight(scope: Scope) -> bool:
+    # A CORS preflight never carries credentials; the application's CORS handling answers it.
+    names = {name for name, _ in scope["headers"]}
+    return b"origin" in names and b"access-control-request-method" in names
+
+
+def _query_has_token(query: bytes) -> bool:
+    return any(name == "access_token" for name, _ in parse_qsl(query.decode("latin-1")))
+
+
+_TWO_HEADERS = Answers.invalid_request("The request has more than one Authorization header")
+_TOKEN_IN_QUERY = Answers.invalid_request("Access tokens are not accepted in the query string")
+_TOKEN_IN_HEADER_AND_QUERY = Answers.invalid_request(
+    "The request carries an access token both in the header and the query string"
+)
+_EMPTY_TOKEN = Answers.invalid_request("The bearer token is empty")

@@ -1,0 +1,239 @@
+"""Validation of inbound bearer JWTs (RFC 7519, RFC 9068 profile) with joserfc.
+
+The header is parsed and judged here before any key is looked up, so a hostile header costs
+neither a JWKS fetch nor a signature check. joserfc checks the signature with the one key the
+header's ``kid`` and ``alg`` select; the claims are then checked here, strictly (types included).
+Validated tokens are cached under a hash of the token until they expire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from joserfc.jws import JWSRegistry
+
+from . import _clock
+from ._fetch import parse_json_object
+from ._jwks import JWKS
+
+_COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# Headers that point at keys (honouring any would let the token choose its own key), critical
+# extensions (none is understood here) and unencoded payloads (RFC 7797): all refused.
+_REFUSED_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit", "b64"})
+_TYP_ALLOWED = frozenset({"at+jwt", "application/at+jwt", "jwt", "application/jwt"})
+_ABSENT: Any = object()
+_TYP_AT_JWT = frozenset({"at+jwt", "application/at+jwt"})
+_MAX_SUBJECT = 1024
+
+
+#: Every ``InvalidToken.reason``.
+REASONS = (
+    "too_large",
+    "malformed",
+    "algorithm",
+    "header",
+    "type",
+    "unknown_key",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+    "wrong_issuer",
+    "wrong_audience",
+)
+
+
+class InvalidToken(Exception):
+    """The token is rejected. ``reason`` is a short category, safe to log; never the token."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ValidToken:
+    subject: str
+    claims: Mapping[str, Any]
+    scopes: frozenset[str]
+    usable_until: float
+
+
+def _b64decode(segment: bytes) -> bytes:
+    return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+
+
+def _frozen(claims: dict[str, Any]) -> Mapping[str, Any]:
+    # Cached claims are shared by every request carrying the token: make them immutable.
+    try:
+        return _freeze(claims)  # type: ignore[no-any-return]
+    except RecursionError:  # nesting the JSON parser accepted but the stack cannot copy
+        raise InvalidToken("malformed") from None
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _parse_segment(segment: bytes) -> dict[str, Any]:
+    try:
+        return parse_json_object(_b64decode(segment), unique_keys=True)
+    except (ValueError, binascii.Error):
+        raise InvalidToken("malformed") from None
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str, *, required: bool) -> float | None:
+    value = claims.get(name, _ABSENT)
+    if value is _ABSENT:
+        if required:
+            raise InvalidToken("malformed")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidToken("malformed")
+    if isinstance(value, int) and abs(value) >= 2**53:  # beyond float precision, or overflow
+        raise InvalidToken("malformed")
+    if not math.isfinite(value):
+        raise InvalidToken("malformed")
+    return float(value)
+
+
+def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    scopes: set[str] = set()
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            scopes.update(value.split())
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            scopes.update(value)
+        else:
+            raise InvalidToken("malformed")
+    return frozenset(scopes)
+
+
+class TokenValidator:
+    def __init__(
+        self,
+        jwks: JWKS,
+        *,
+        issuer: str,
+        audiences: frozenset[str],
+        algorithms: frozenset[str],
+        leeway: float,
+        max_bytes: int,
+        require_at_jwt: bool,
+        cache_size: int,
+    ) -> None:
+        self._jwks = jwks
+        self._issuer = issuer
+        self._audiences = audiences
+        self._algorithms = algorithms
+        self._leeway = leeway
+        self._max_bytes = max_bytes
+        self._typ = _TYP_AT_JWT if require_at_jwt else _TYP_ALLOWED
+        self._require_typ = require_at_jwt
+        self._verifiers = {alg: JWSRegistry.algorithms[alg] for alg in algorithms}
+        # Oldest first: when full, the oldest entry goes (an OrderedDict pops it in O(1)).
+        self._cache: OrderedDict[bytes, ValidToken] = OrderedDict()
+        self._cache_size = cache_size
+
+    def cached(self, token: bytes) -> ValidToken | None:
+        """The cached result for ``token`` if it was validated before and is still usable."""
+        hit = self._cache.get(hashlib.sha256(token).digest())
+        if hit is not None and _clock.now() < hit.usable_until:
+            return hit
+        return None
+
+    async def validate(self, token: bytes) -> ValidToken:
+        """Validate ``token`` in full and cache the result; raises :class:`InvalidToken`."""
+        valid = await self._validate(token)
+        cache = self._cache
+        cache[hashlib.sha256(token).digest()] = valid
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return valid
+
+    async def _validate(self, token: bytes) -> ValidToken:
+        if len(token) > self._max_bytes:
+            raise InvalidToken("too_large")
+        if not _COMPACT_JWS.fullmatch(token):
+            raise InvalidToken("malformed")
+        header_segment, payload_segment, signature_segment = token.split(b".")
+        header = _parse_segment(header_segment)
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise InvalidToken("algorithm")
+        if _REFUSED_HEADERS & header.keys():
+            raise InvalidToken("header")
+        typ = header.get("typ", _ABSENT)
+        if typ is _ABSENT:
+            if self._require_typ:
+                raise InvalidToken("type")
+        elif not isinstance(typ, str) or typ.lower() not in self._typ:
+            raise InvalidToken("type")
+        kid = header.get("kid", _ABSENT)
+        if kid is _ABSENT:
+            kid = None
+        elif not isinstance(kid, str):
+            raise InvalidToken("malformed")
+        # Claims are judged before the signature: they cost less to check than a signature.
+        claims = _parse_segment(payload_segment)
+        subject, scopes, usable_until = self._check_claims(claims)
+        signing_key = await self._jwks.find(kid, alg)
+        if signing_key is None:
+            raise InvalidToken("unknown_key")
+        # The header is already judged and the key chosen, so joserfc's algorithm verifies the
+        # signature directly rather than parsing the whole token a second time.
+        signing_input = token[: len(header_segment) + 1 + len(payload_segment)]
+        try:
+            verified = self._verifiers[alg].verify(
+                signing_input, _b64decode(signature_segment), signing_key.key
+            )
+        except Exception:  # a signature of the wrong shape for the key: never a 500
+            verified = False
+        if not verified:
+            raise InvalidToken("bad_signature")
+        return ValidToken(subject, _frozen(claims), scopes, usable_until)
+
+    def _check_claims(self, claims: dict[str, Any]) -> tuple[str, frozenset[str], float]:
+        """The subject, the scopes and the end of validity; raises :class:`InvalidToken`."""
+        now, leeway = _clock.now(), self._leeway
+        exp = _numeric_date(claims, "exp", required=True)
+        nbf = _numeric_date(claims, "nbf", required=False)
+        iat = _numeric_date(claims, "iat", required=False)
+        assert exp is not None
+        if now >= exp + leeway:
+            raise InvalidToken("expired")
+        if (nbf is not None and nbf > now + leeway) or (iat is not None and iat > now + leeway):
+            raise InvalidToken("not_yet_valid")
+        if claims.get("iss") != self._issuer:
+            raise InvalidToken("wrong_issuer")
+        if not self._audiences.intersection(_audiences(claims.get("aud"))):
+            raise InvalidToken("wrong_audience")
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject or len(subject) > _MAX_SUBJECT:
+            raise InvalidToken("malformed")
+        return subject, _scopes(claims), exp + leeway
+
+
+def _audiences(aud: object) -> Iterable[str]:
+    if isinstance(aud, str):
+        return (aud,)
+    if isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        return aud
+    if aud is None:
+        return ()
+    raise InvalidToken("malformed")

@@ -1,0 +1,47 @@
+"""Running an ASGI application with uvicorn on a loopback socket, inside an async block."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import anyio
+
+from .._urls import is_loopback_host
+
+
+@contextmanager
+def loopback_socket(host: str = "127.0.0.1", port: int = 0) -> Iterator[tuple[socket.socket, str]]:
+    """A listening socket on a loopback host, and its ``http://`` origin."""
+    if not is_loopback_host(host):
+        raise ValueError("only loopback hosts may be served on")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        # Connections queue from here on, so nobody has to wait for the server to start.
+        sock.listen(128)
+        bound = sock.getsockname()[1]
+        yield sock, (f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}")
+
+
+@asynccontextmanager
+async def serve_on(app: Any, sock: socket.socket) -> AsyncIterator[None]:
+    """Serve ``app`` with uvicorn (an optional dependency) on ``sock`` until the block ends.
+
+    The server runs on its own thread and event loop, as a separate server process would, so
+    the block may begin and end in different tasks (as pytest fixtures do).
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await anyio.to_thread.run_sync(thread.join)

@@ -1,0 +1,217 @@
+"""LocalAuthorizationServer: an authorization server as a plain ASGI application.
+
+It publishes RFC 8414 and OpenID Connect metadata and a JWKS (with key rotation), and mints
+access tokens with any claims and any header, including broken ones on purpose. Use it in
+process (``http_client()``) or on a loopback port (``serve()``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+from joserfc.jws import JWSRegistry
+
+from .._jwks import ALGORITHM_KEYS
+from .._types import Receive, Scope, Send
+from .._urls import secure_url, url_path, well_known_urls
+from ._serve import loopback_socket, serve_on
+
+SigningKey = RSAKey | ECKey | OKPKey
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _generate(algorithm: str) -> SigningKey:
+    kty, crv = ALGORITHM_KEYS[algorithm]
+    kid = uuid.uuid4().hex
+    if kty == "RSA":
+        return RSAKey.generate_key(2048, parameters={"kid": kid, "alg": algorithm, "use": "sig"})
+    if kty == "EC":
+        return ECKey.generate_key(crv, parameters={"kid": kid, "alg": algorithm, "use": "sig"})
+    curve: Literal["Ed25519", "Ed448"] = "Ed448" if crv == "Ed448" else "Ed25519"
+    return OKPKey.generate_key(curve, parameters={"kid": kid, "use": "sig"})
+
+
+class LocalAuthorizationServer:
+    """A small authorization server for tests and local development.
+
+    ``issuer`` is the issuer identifier it announces (default ``http://127.0.0.1``; ``serve()``
+    replaces the origin with the port it listens on and keeps the path). Knobs for tests:
+    ``jwks_cache_control`` (the JWKS ``Cache-Control`` header), ``extra_jwks`` (raw JWK dicts
+    published after the real keys), ``fail_status`` (every endpoint answers that status) and
+    ``requests`` (a counter of requests per path).
+    """
+
+    def __init__(self, issuer: str = "http://127.0.0.1", *, algorithm: str = "RS256") -> None:
+        self.issuer = secure_url(issuer, "issuer")
+        if algorithm not in ALGORITHM_KEYS:
+            raise ValueError(f"unsupported algorithm {algorithm!r}")
+        self.algorithm = algorithm
+        self._keys: list[SigningKey] = [_generate(algorithm)]
+        self.extra_jwks: list[dict[str, Any]] = []
+        self.jwks_cache_control: str | None = "max-age=300"
+        self.fail_status: int | None = None
+        self.requests: Counter[str] = Counter()
+
+    # -- keys -------------------------------------------------------------------------------
+
+    @property
+    def signing_key(self) -> SigningKey:
+        """The private key new tokens are signed with."""
+        return self._keys[-1]
+
+    @property
+    def kid(self) -> str:
+        return str(self.signing_key.kid)
+
+    def rotate_keys(self, *, keep_previous: bool = True) -> str:
+        """Sign with a new key from now on; return its ``kid``. The old keys stay published
+        unless ``keep_previous`` is false."""
+        key = _generate(self.algorithm)
+        self._keys = [*self._keys, key] if keep_previous else [key]
+        return str(key.kid)
+
+    def jwks(self) -> dict[str, Any]:
+        """The published key set (public parts only, plus ``extra_jwks``)."""
+        return {"keys": [k.as_dict(private=False) for k in self._keys] + list(self.extra_jwks)}
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def mint(
+        self,
+        subject: str = "user",
+        *,
+        audience: str | list[str] | None = None,
+        scope: str | Iterable[str] | None = None,
+        expires_in: float = 300,
+        claims: Mapping[str, Any] | None = None,
+        header: Mapping[str, Any] | None = None,
+        omit: Iterable[str] = (),
+        key: SigningKey | None = None,
+    ) -> str:
+        """A signed access token (RFC 9068 shape) for ``subject``.
+
+        ``claims`` and ``header`` are merged over the defaults and may hold anything, even
+        values no real server would send; ``omit`` drops claims or header members by name.
+        The header's ``alg`` selects the signature (``none`` gives an empty one).
+        """
+        now = int(time.time())
+        body: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": subject,
+            "iat": now,
+            "exp": now + expires_in,
+            "jti": uuid.uuid4().hex,
+            "client_id": "local-client",
+        }
+        if audience is not None:
+            body["aud"] = audience
+        if scope is not None:
+            body["scope"] = scope if isinstance(scope, str) else " ".join(scope)
+        body.update(claims or {})
+        signing_key = key or self.signing_key
+        head: dict[str, Any] = {"typ": "at+jwt", "alg": self.algorithm, "kid": signing_key.kid}
+        head.update(header or {})
+        for name in omit:
+            body.pop(name, None)
+            head.pop(name, None)
+        return self.sign(head, body, signing_key)
+
+    @staticmethod
+    def sign(header: Mapping[str, Any], claims: Any, key: SigningKey) -> str:
+        """Serialize and sign without any checks: ``claims`` may be any JSON value."""
+        signing_input = (
+            _b64(json.dumps(dict(header)).encode()) + "." + _b64(json.dumps(claims).encode())
+        )
+        alg = header.get("alg")
+        if alg == "none":
+            return signing_input + "."
+        model = JWSRegistry.algorithms[str(alg)]
+        return signing_input + "." + _b64(model.sign(signing_input.encode(), key))
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        """The RFC 8414 authorization server metadata document."""
+        base = self.issuer.rstrip("/")
+        return {
+            "issuer": self.issuer,
+            "jwks_uri": f"{base}/jwks",
+            "token_endpoint": f"{base}/token",
+            "grant_types_supported": ["urn:ietf:params:oauth:grant-type:token-exchange"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic"],
+            "response_types_supported": [],
+        }
+
+    def _routes(self) -> dict[str, str]:
+        path = url_path(self.issuer).rstrip("/")
+        oauth, _ = well_known_urls(self.issuer, "oauth-authorization-server")
+        oidc, _ = well_known_urls(self.issuer, "openid-configuration")
+        return {
+            urlsplit(oauth).path: "metadata",
+            urlsplit(oidc).path: "metadata",
+            f"{path}/.well-known/openid-configuration": "metadata",
+            f"{path}/jwks": "jwks",
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        self.requests[path] += 1
+        route = self._routes().get(path)
+        headers: dict[str, str] = {}
+        if self.fail_status is not None:
+            status, document = self.fail_status, {"error": "temporarily_unavailable"}
+        elif route == "metadata":
+            status, document = 200, self.metadata()
+        elif route == "jwks":
+            status, document = 200, self.jwks()
+            if self.jwks_cache_control is not None:
+                headers["cache-control"] = self.jwks_cache_control
+        else:
+            status, document = 404, {"error": "not_found"}
+        await _send_json(send, status, document, headers)
+
+    def http_client(self) -> httpx.AsyncClient:
+        """An httpx client that reaches this server in process, with no network."""
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self))
+
+    @asynccontextmanager
+    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+        """Serve on ``host:port`` (loopback only; port 0 picks a free one) until the block
+        ends; yields the issuer URL, which ``self.issuer`` also takes. Needs uvicorn."""
+        with loopback_socket(host, port) as (sock, origin):
+            self.issuer = origin + url_path(self.issuer)
+            async with serve_on(self, sock):
+                yield self.issuer
+
+
+async def _send_json(send: Send, status: int, document: Any, headers: Mapping[str, str]) -> None:
+    body = json.dumps(document).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.encode(), v.encode()) for k, v in headers.items()),
+    ]
+    await send(
+        {"type": "http.response.start", "status": status, "headers": raw_headers, "trailers": False}
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
