@@ -1,11 +1,21 @@
 """asgi_delegation: delegated access for ASGI applications.
 
 One pure ASGI middleware validates the caller's bearer JWT against the issuer's keys, answers
-RFC 6750 / RFC 9728 challenges, and gives the application an :class:`AccessContext`.
+RFC 6750 / RFC 9728 challenges, and gives the application an :class:`AccessContext` that
+exchanges the caller's token (RFC 8693) for upstream grants, lazily, cached and single-flight.
 """
 
 from ._context import AccessContext
-from ._errors import ConfigurationError, DelegationError
+from ._decorator import grant
+from ._errors import (
+    ConfigurationError,
+    DelegationError,
+    ExchangeDenied,
+    ExchangeError,
+    ExchangeNotAllowed,
+    ExchangeUnavailable,
+)
+from ._grant import Grant
 from ._middleware import DEFAULT_ALGORITHMS, DelegationMiddleware
 
 __all__ = [
@@ -14,4 +24,10 @@ __all__ = [
     "ConfigurationError",
     "DelegationError",
     "DelegationMiddleware",
+    "ExchangeDenied",
+    "ExchangeError",
+    "ExchangeNotAllowed",
+    "ExchangeUnavailable",
+    "Grant",
+    "grant",
 ]

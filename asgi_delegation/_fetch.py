@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import httpx
 
-_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
+HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
 
 
 class FetchError(Exception):
@@ -58,34 +58,45 @@ def parse_json_object(raw: bytes, *, unique_keys: bool = False) -> dict[str, Any
     return value
 
 
+async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+    """The body of a streamed response, refusing compressed bodies and more than ``max_bytes``.
+
+    Raises ``ValueError`` with the reason."""
+    # Compressed bodies could expand past the cap inside one chunk: refuse them.
+    if response.headers.get("content-encoding", "identity").lower() != "identity":
+        raise ValueError("a compressed body")
+    length = response.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > max_bytes:
+        raise ValueError(f"more than {max_bytes} bytes")
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        body += chunk
+        if len(body) > max_bytes:
+            raise ValueError(f"more than {max_bytes} bytes")
+    return bytes(body)
+
+
 async def fetch_json(
     client: httpx.AsyncClient, url: str, *, deadline: float, max_bytes: int
 ) -> Fetched:
     try:
         with anyio.fail_after(deadline):
             async with client.stream(
-                "GET", url, headers=_HEADERS, follow_redirects=False
+                "GET", url, headers=HEADERS, follow_redirects=False
             ) as response:
-                if response.status_code != 200:
-                    raise FetchError(f"GET {url} answered HTTP {response.status_code}")
-                # Compressed bodies could expand past the cap inside one chunk: refuse them.
-                if response.headers.get("content-encoding", "identity").lower() != "identity":
-                    raise FetchError(f"GET {url} answered a compressed body")
-                length = response.headers.get("content-length", "")
-                if length.isdigit() and int(length) > max_bytes:
-                    raise FetchError(f"GET {url} answered more than {max_bytes} bytes")
-                body = bytearray()
-                async for chunk in response.aiter_raw():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise FetchError(f"GET {url} answered more than {max_bytes} bytes")
+                status = response.status_code
+                body = await read_capped(response, max_bytes) if status == 200 else b""
                 cache_control = response.headers.get("cache-control", "")
     except TimeoutError:
         raise FetchError(f"GET {url} took longer than {deadline:g} s") from None
     except httpx.HTTPError as exc:
         raise FetchError(f"GET {url} failed: {type(exc).__name__}") from None
+    except ValueError as exc:
+        raise FetchError(f"GET {url} answered {exc}") from None
+    if status != 200:
+        raise FetchError(f"GET {url} answered HTTP {status}")
     try:
-        return Fetched(parse_json_object(bytes(body)), cache_control)
+        return Fetched(parse_json_object(body), cache_control)
     except ValueError as exc:
         raise FetchError(f"GET {url} answered {exc}") from None
 

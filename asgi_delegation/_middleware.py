@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from hashlib import sha256
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
+from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from ._answers import Answer, Answers
+from ._client_auth import client_auth_from
 from ._context import AccessContext
 from ._discovery import Discovery
 from ._errors import ConfigurationError
+from ._exchange import TARGETS, Exchanger, Policy
 from ._jwks import ALGORITHM_KEYS, JWKS
 from ._metadata import ResourceMetadata
 from ._refresh import Unavailable
@@ -98,6 +104,21 @@ class DelegationMiddleware:
         http_timeout: float = 10.0,
         jwks_refetch_cooldown: float = 30.0,
         token_cache_size: int = 10_000,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        client_auth: str | None = None,
+        private_key: Mapping[str, Any] | RSAKey | ECKey | OKPKey | None = None,
+        client_assertion_file: str | os.PathLike[str] | None = None,
+        token_endpoint: str | None = None,
+        exchange_target: str = "resource",
+        requested_token_type: str | None = None,
+        allowed_resources: Iterable[str] | None = None,
+        policy: Policy | None = None,
+        grant_cache_size: int = 10_000,
+        refresh_margin: float = 60.0,
+        exchange_timeout: float = 10.0,
+        max_concurrent_exchanges: int = 32,
+        exchange_attempts: int = 3,
     ) -> None:
         self.app = app
         issuer = secure_url(issuer, "issuer")
@@ -145,6 +166,37 @@ class DelegationMiddleware:
             require_at_jwt=require_at_jwt,
             cache_size=int(_bounded(token_cache_size, "token_cache_size", 1, 10_000_000)),
         )
+        if exchange_target not in TARGETS:
+            raise ConfigurationError(f"exchange_target must be one of {', '.join(TARGETS)}")
+        if isinstance(allowed_resources, str):
+            raise ConfigurationError("allowed_resources must be a list of resources, not a string")
+        if policy is not None and not callable(policy):
+            raise ConfigurationError("policy must be a callable")
+        self._exchanger = Exchanger(
+            discovery,
+            self._client,
+            client_auth=client_auth_from(
+                client_id=client_id,
+                client_secret=client_secret,
+                client_auth=client_auth,
+                private_key=private_key,
+                client_assertion_file=client_assertion_file,
+            ),
+            token_endpoint=None
+            if token_endpoint is None
+            else secure_url(token_endpoint, "token_endpoint"),
+            target=exchange_target,
+            requested_token_type=requested_token_type,
+            allowed_resources=None if allowed_resources is None else frozenset(allowed_resources),
+            policy=policy,
+            cache_size=int(_bounded(grant_cache_size, "grant_cache_size", 1, 10_000_000)),
+            refresh_margin=_bounded(refresh_margin, "refresh_margin", 0, 3600),
+            deadline=_bounded(exchange_timeout, "exchange_timeout", 0.1, 120),
+            max_concurrency=int(
+                _bounded(max_concurrent_exchanges, "max_concurrent_exchanges", 1, 10_000)
+            ),
+            attempts=int(_bounded(exchange_attempts, "exchange_attempts", 1, 10)),
+        )
         self._metadata = ResourceMetadata(resource, issuer, supported)
         self._answers = Answers(self._metadata.url, sorted(self._required))
 
@@ -166,7 +218,7 @@ class DelegationMiddleware:
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
-        elif scope["type"] == "lifespan" and self._owns_client:
+        elif scope["type"] == "lifespan":
             await self.app(scope, receive, self._closing_client_on_shutdown(send))
         else:
             await self.app(scope, receive, send)
@@ -224,20 +276,21 @@ class DelegationMiddleware:
         token = token.strip(b" ")
         if not token:
             return _EMPTY_TOKEN
+        digest = sha256(token).digest()
         try:
-            valid = self._validator.cached(token) or await self._validator.validate(token)
+            valid = self._validator.cached(digest) or await self._validator.validate(token, digest)
         except InvalidToken as exc:
             return self._answers.invalid_token(exc.reason)
         except Unavailable as exc:
             return Answers.unavailable(exc.retry_after)
         if not self._required <= valid.scopes:
             return self._answers.insufficient_scope
-        return AccessContext(valid, token)
+        return AccessContext(valid, token, digest, self._exchanger)
 
     async def aclose(self) -> None:
-        """Close the HTTP client the middleware created (not one passed as ``http_client``).
-
-        Done automatically when the server runs the lifespan protocol's shutdown."""
+        """Stop background grant refreshes and close the HTTP client the middleware created
+        (not one passed as ``http_client``). Done automatically at lifespan shutdown."""
+        await self._exchanger.aclose()
         if self._owns_client:
             await self._client.aclose()
 

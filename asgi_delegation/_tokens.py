@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import math
 import re
 from collections import OrderedDict
@@ -150,18 +149,18 @@ class TokenValidator:
         self._cache: OrderedDict[bytes, ValidToken] = OrderedDict()
         self._cache_size = cache_size
 
-    def cached(self, token: bytes) -> ValidToken | None:
-        """The cached result for ``token`` if it was validated before and is still usable."""
-        hit = self._cache.get(hashlib.sha256(token).digest())
+    def cached(self, digest: bytes) -> ValidToken | None:
+        """The cached result for the token whose SHA-256 is ``digest``, if still usable."""
+        hit = self._cache.get(digest)
         if hit is not None and _clock.now() < hit.usable_until:
             return hit
         return None
 
-    async def validate(self, token: bytes) -> ValidToken:
+    async def validate(self, token: bytes, digest: bytes) -> ValidToken:
         """Validate ``token`` in full and cache the result; raises :class:`InvalidToken`."""
         valid = await self._validate(token)
         cache = self._cache
-        cache[hashlib.sha256(token).digest()] = valid
+        cache[digest] = valid
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
         return valid

@@ -6,15 +6,21 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
 
-from asgi_delegation import DelegationMiddleware, _clock
+from asgi_delegation import DelegationMiddleware, ExchangeError, _clock
 from asgi_delegation.testing import LocalAuthorizationServer
 
 RESOURCE = "http://127.0.0.1:8000/mcp"
 BASE_URL = "http://127.0.0.1:8000"
+CLIENT_ID = "mcp-server"
+CLIENT_SECRET = "s3cr:t +/=%"  # characters that client_secret_basic must form-encode
+GITHUB = "https://api.github.com"
+GOOGLE = "https://www.googleapis.com"
+SLACK = "https://slack.com/api"
 
 
 async def echo_app(scope: Any, receive: Any, send: Any) -> None:
@@ -47,6 +53,45 @@ async def echo_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def exchanging_app(auth: LocalAuthorizationServer) -> Any:
+    """``GET /exchange?resource=R1,R2&scope=S``: exchanges for each resource, one after the
+    other, and answers what the grants say (checked with ``auth.verify``) or the error.
+    Every other path is ``echo_app``."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/exchange":
+            await echo_app(scope, receive, send)
+            return
+        ctx = scope["state"]["access_context"]
+        params = dict(parse_qsl(scope["query_string"].decode()))
+        document: dict[str, Any] = {"grants": []}
+        try:
+            for resource in params.get("resource", "").split(","):
+                grant = await ctx.exchange(resource, scope=params.get("scope"))
+                claims = auth.verify(grant.access_token) or {}
+                document["grants"].append(
+                    {
+                        "resource": grant.resource,
+                        "sub": claims.get("sub"),
+                        "aud": claims.get("aud"),
+                        "scope": grant.scope,
+                        "token_type": grant.token_type,
+                    }
+                )
+        except ExchangeError as exc:
+            document["error"] = {
+                "class": type(exc).__name__,
+                "error": exc.error,
+                "description": exc.error_description,
+                "retry_after": exc.retry_after,
+            }
+        body = json.dumps(document).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
 @dataclass
 class Gateway:
     """The middleware in front of ``echo_app``, reached in process through httpx."""
@@ -61,6 +106,13 @@ class Gateway:
         if token is not None:
             all_headers["authorization"] = f"Bearer {token}"
         return await self.client.get(path, headers=all_headers, **kw)
+
+    async def exchange(self, token: str, resource: str, scope: str | None = None) -> Any:
+        """The JSON answer of ``exchanging_app`` for ``token``'s exchange(s)."""
+        params = {"resource": resource, **({"scope": scope} if scope else {})}
+        response = await self.get(token, path="/exchange", params=params)
+        assert response.status_code == 200, response.text
+        return response.json()
 
 
 @dataclass
@@ -84,7 +136,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 @pytest.fixture
 def auth() -> LocalAuthorizationServer:
-    return LocalAuthorizationServer()
+    server = LocalAuthorizationServer()
+    server.register_client(CLIENT_ID, secret=CLIENT_SECRET)
+    return server
 
 
 @pytest.fixture
@@ -109,7 +163,11 @@ async def gateway_factory(
             del options["http_client"]
         options.setdefault("issuer", auth.issuer)
         options.setdefault("resource", RESOURCE)
-        middleware = DelegationMiddleware(echo_app, **options)
+        options.setdefault("client_id", CLIENT_ID)
+        if not {"client_secret", "private_key", "client_assertion_file"} & options.keys():
+            options["client_secret"] = CLIENT_SECRET
+        app = options.pop("app", None) or exchanging_app(auth)
+        middleware = DelegationMiddleware(app, **options)
         middlewares.append(middleware)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url=BASE_URL)
         clients.append(client)

@@ -5,5 +5,6 @@ tokens and real discovery, without any real authorization server.
 """
 
 from ._server import LocalAuthorizationServer
+from ._token_endpoint import Client, ScriptedAnswer
 
-__all__ = ["LocalAuthorizationServer"]
+__all__ = ["Client", "LocalAuthorizationServer", "ScriptedAnswer"]

@@ -17,14 +17,25 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
-from joserfc.jwk import ECKey, OKPKey, RSAKey
+from joserfc import jwt
+from joserfc.jwk import ECKey, GuestProtocol, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
 
 from .._jwks import ALGORITHM_KEYS
 from .._types import Receive, Scope, Send
 from .._urls import secure_url, url_path, well_known_urls
 from ._serve import loopback_socket, serve_on
+from ._token_endpoint import (
+    TOKEN_EXCHANGE,
+    Client,
+    OAuthError,
+    ScriptedAnswer,
+    authenticate,
+    exchange,
+    parse_form,
+)
 
 SigningKey = RSAKey | ECKey | OKPKey
 
@@ -64,6 +75,17 @@ class LocalAuthorizationServer:
         self.jwks_cache_control: str | None = "max-age=300"
         self.fail_status: int | None = None
         self.requests: Counter[str] = Counter()
+        # Token exchange.
+        self.clients: dict[str, Client] = {}
+        self.exchange_target = "any"
+        self.exchange_expires_in: float = 300
+        self.grantable_scopes: dict[str, frozenset[str]] = {}
+        self.unconsented: set[tuple[str, str]] = set()
+        self.token_latency = 0.0
+        self.token_answers: list[ScriptedAnswer] = []
+        self.exchanges: list[dict[str, str]] = []
+        self.token_requests_in_flight = 0
+        self.token_requests_peak = 0
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -82,6 +104,46 @@ class LocalAuthorizationServer:
         key = _generate(self.algorithm)
         self._keys = [*self._keys, key] if keep_previous else [key]
         return str(key.kid)
+
+    def register_client(
+        self,
+        client_id: str,
+        *,
+        secret: str | None = None,
+        public_key: SigningKey | None = None,
+        allowed_resources: Iterable[str] | None = None,
+    ) -> Client:
+        """Register a client that may exchange tokens: with a ``secret`` (client_secret_basic
+        or client_secret_post) and/or a ``public_key`` (private_key_jwt). ``allowed_resources``
+        are its dependencies: exchanges for anything else get ``invalid_target``."""
+        client = Client(
+            client_id,
+            secret,
+            public_key,
+            None if allowed_resources is None else frozenset(allowed_resources),
+        )
+        self.clients[client_id] = client
+        return client
+
+    def verify(self, token: str) -> dict[str, Any] | None:
+        """The claims of ``token`` if this server signed it and it has not expired, else None.
+        Handy for a fake upstream API that checks the delegated tokens it receives."""
+        try:
+            claims = jwt.decode(token, self._key_for, algorithms=[self.algorithm]).claims
+        except Exception:  # any failure to parse or verify means: not a token of ours
+            return None
+        exp = claims.get("exp")
+        if (
+            claims.get("iss") != self.issuer
+            or not isinstance(exp, int | float)
+            or exp <= time.time()
+        ):
+            return None
+        return claims
+
+    def _key_for(self, guest: GuestProtocol) -> SigningKey:
+        kid = guest.headers().get("kid")
+        return next(k for k in self._keys if k.kid == kid)
 
     def jwks(self) -> dict[str, Any]:
         """The published key set (public parts only, plus ``extra_jwks``)."""
@@ -150,10 +212,18 @@ class LocalAuthorizationServer:
             "issuer": self.issuer,
             "jwks_uri": f"{base}/jwks",
             "token_endpoint": f"{base}/token",
-            "grant_types_supported": ["urn:ietf:params:oauth:grant-type:token-exchange"],
-            "token_endpoint_auth_methods_supported": ["client_secret_basic"],
+            "grant_types_supported": [TOKEN_EXCHANGE],
+            "token_endpoint_auth_methods_supported": [
+                "client_secret_basic",
+                "client_secret_post",
+                "private_key_jwt",
+            ],
             "response_types_supported": [],
         }
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.issuer.rstrip("/") + "/token"
 
     def _routes(self) -> dict[str, str]:
         path = url_path(self.issuer).rstrip("/")
@@ -164,6 +234,7 @@ class LocalAuthorizationServer:
             urlsplit(oidc).path: "metadata",
             f"{path}/.well-known/openid-configuration": "metadata",
             f"{path}/jwks": "jwks",
+            f"{path}/token": "token",
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -178,6 +249,9 @@ class LocalAuthorizationServer:
         self.requests[path] += 1
         route = self._routes().get(path)
         headers: dict[str, str] = {}
+        if route == "token" and self.fail_status is None:
+            await self._token(scope, receive, send)
+            return
         if self.fail_status is not None:
             status, document = self.fail_status, {"error": "temporarily_unavailable"}
         elif route == "metadata":
@@ -189,6 +263,43 @@ class LocalAuthorizationServer:
         else:
             status, document = 404, {"error": "not_found"}
         await _send_json(send, status, document, headers)
+
+    async def _token(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await _send_json(send, 405, {"error": "invalid_request"}, {"allow": "POST"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > 64 * 1024:
+                await _send_json(send, 413, {"error": "invalid_request"}, {})
+                return
+            if not message.get("more_body"):
+                break
+        self.token_requests_in_flight += 1
+        self.token_requests_peak = max(self.token_requests_peak, self.token_requests_in_flight)
+        try:
+            if self.token_latency:
+                await anyio.sleep(self.token_latency)
+        finally:
+            self.token_requests_in_flight -= 1
+        if self.token_answers:
+            await _send_scripted(send, self.token_answers.pop(0))
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            form = parse_form(body)
+            self.exchanges.append(form)
+            client = authenticate(self, form, headers.get("authorization"))
+            status, document = 200, exchange(self, form, client)
+        except OAuthError as exc:
+            status = exc.status
+            document = {"error": exc.error, "error_description": exc.description}
+        extra = {"cache-control": "no-store"}
+        if status == 401:
+            extra["www-authenticate"] = 'Basic realm="token"'
+        await _send_json(send, status, document, extra)
 
     def http_client(self) -> httpx.AsyncClient:
         """An httpx client that reaches this server in process, with no network."""
@@ -202,6 +313,17 @@ class LocalAuthorizationServer:
             self.issuer = origin + url_path(self.issuer)
             async with serve_on(self, sock):
                 yield self.issuer
+
+
+async def _send_scripted(send: Send, answer: ScriptedAnswer) -> None:
+    body = answer.body if isinstance(answer.body, bytes) else json.dumps(answer.body).encode()
+    headers = [(k.encode(), v.encode()) for k, v in answer.headers.items()]
+    if answer.drop:  # promise a body, send half of it, and break off
+        headers.append((b"content-length", str(len(body) + 100).encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": answer.drop})
+    if answer.drop:
+        raise ConnectionAbortedError("LocalAuthorizationServer: scripted dropped connection")
 
 
 async def _send_json(send: Send, status: int, document: Any, headers: Mapping[str, str]) -> None:

@@ -1,0 +1,282 @@
+"""Token exchange (RFC 8693): cached, single-flight, retried, bounded.
+
+Grants are cached per (subject token, resource, scope): the key holds a SHA-256 of the subject
+token, never the token, and a middleware has one client and one token endpoint, so no user,
+scope or audience can see another's grant. An entry is served until shortly before the grant
+expires; inside the refresh margin one background refresh runs while the still-valid grant is
+served. Failures are not cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from functools import partial
+from typing import TYPE_CHECKING, TypeAlias
+
+import anyio
+import httpx
+
+from . import _clock
+from ._client_auth import ClientAuth
+from ._discovery import Discovery
+from ._errors import ExchangeError, ExchangeNotAllowed, ExchangeUnavailable
+from ._fetch import HEADERS, read_capped
+from ._grant import Grant
+from ._refresh import Unavailable
+from ._singleflight import SingleFlight
+from ._token_response import UNKNOWN_LIFETIME, error_from, grant_from
+
+if TYPE_CHECKING:
+    from ._context import AccessContext
+
+logger = logging.getLogger("asgi_delegation")
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+TARGETS = ("resource", "audience", "both")
+
+Policy: TypeAlias = "Callable[[AccessContext, str, str | None], bool | Awaitable[bool]]"
+
+_EXPIRY_SKEW = 5.0  # a grant this close to expiring is no longer handed out
+_MAX_BODY = 64 * 1024
+_BACKOFF_BASE, _BACKOFF_CAP, _RETRY_AFTER_CAP = 0.1, 2.0, 5.0
+_TARGET = re.compile(r"[\x21-\x7e]{1,2048}")
+
+
+def normalize_scope(scope: str | None) -> str | None:
+    if scope is None:
+        return None
+    if not isinstance(scope, str):
+        raise TypeError("scope must be a space-separated string or None")
+    return " ".join(sorted(set(scope.split()))) or None
+
+
+class _Entry:
+    __slots__ = ("grant", "refresh_at", "refreshing", "stale_at")
+
+    def __init__(self, grant: Grant, refresh_at: float, stale_at: float) -> None:
+        self.grant = grant
+        self.refresh_at = refresh_at
+        self.stale_at = stale_at
+        self.refreshing = False
+
+
+class Exchanger:
+    def __init__(
+        self,
+        discovery: Discovery,
+        client: httpx.AsyncClient,
+        *,
+        client_auth: ClientAuth | None,
+        token_endpoint: str | None,
+        target: str,
+        requested_token_type: str | None,
+        allowed_resources: frozenset[str] | None,
+        policy: Policy | None,
+        cache_size: int,
+        refresh_margin: float,
+        deadline: float,
+        max_concurrency: int,
+        attempts: int,
+    ) -> None:
+        self._discovery = discovery
+        self._client = client
+        self._client_auth = client_auth
+        self._token_endpoint = token_endpoint
+        self._target = target
+        self._requested_token_type = requested_token_type
+        self._allowed = allowed_resources
+        self._policy = policy
+        self._cache: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._cache_size = cache_size
+        self._refresh_margin = refresh_margin
+        self._deadline = deadline
+        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._attempts = attempts
+        self._flight: SingleFlight[Grant] = SingleFlight()
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def exchange(self, context: AccessContext, resource: str, scope: str | None) -> Grant:
+        if self._allowed is not None and resource not in self._allowed:
+            raise ExchangeNotAllowed(
+                resource, "not_allowed", "the resource is not one of the allowed_resources"
+            )
+        if self._policy is not None:
+            await self._ask_policy(context, resource, scope)
+        key = (context.token_digest, resource, scope)
+        entry = self._cache.get(key)
+        if entry is not None:
+            now = _clock.monotonic()
+            if now < entry.stale_at:
+                self._cache.move_to_end(key)
+                if now >= entry.refresh_at and not entry.refreshing:
+                    entry.refreshing = self._refresh_in_background(key, context, resource, scope)
+                return entry.grant
+            del self._cache[key]
+        return await self._flight.run(key, partial(self._obtain, key, context, resource, scope))
+
+    def forget(
+        self, context: AccessContext, resource: str, scope: str | None, grant: Grant
+    ) -> None:
+        """Drop ``grant`` from the cache (an upstream API refused it); a newer one stays."""
+        key = (context.token_digest, resource, scope)
+        entry = self._cache.get(key)
+        if entry is not None and entry.grant is grant:
+            del self._cache[key]
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+
+    async def _ask_policy(self, context: AccessContext, resource: str, scope: str | None) -> None:
+        assert self._policy is not None
+        verdict = self._policy(context, resource, scope)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        if verdict is not True:
+            raise ExchangeNotAllowed(resource, "not_allowed", "the application's policy refused")
+
+    async def _obtain(
+        self, key: Hashable, context: AccessContext, resource: str, scope: str | None
+    ) -> Grant:
+        grant, seconds = await self._request(context.subject_token, resource, scope)
+        lifetime = UNKNOWN_LIFETIME if seconds is None else seconds
+        if lifetime > _EXPIRY_SKEW:
+            now = _clock.monotonic()
+            margin = min(self._refresh_margin, lifetime / 2)
+            self._cache[key] = _Entry(grant, now + lifetime - margin, now + lifetime - _EXPIRY_SKEW)
+            self._cache.move_to_end(key)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return grant
+
+    def _refresh_in_background(
+        self, key: Hashable, context: AccessContext, resource: str, scope: str | None
+    ) -> bool:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on asyncio: the grant is exchanged again once it goes stale
+            return False
+        task = loop.create_task(self._refresh(key, context, resource, scope))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
+
+    async def _refresh(
+        self, key: Hashable, context: AccessContext, resource: str, scope: str | None
+    ) -> None:
+        try:
+            await self._flight.run(key, partial(self._obtain, key, context, resource, scope))
+        except ExchangeError as exc:
+            logger.warning("refreshing a grant for %s ahead of expiry failed: %s", resource, exc)
+
+    async def _endpoint(self, resource: str) -> str:
+        if self._token_endpoint is not None:
+            return self._token_endpoint
+        try:
+            endpoint = (await self._discovery.get()).token_endpoint
+        except Unavailable as exc:
+            raise ExchangeUnavailable(
+                resource,
+                "temporarily_unavailable",
+                "the authorization server metadata cannot be fetched",
+                retry_after=exc.retry_after,
+            ) from None
+        if endpoint is None:
+            raise ExchangeUnavailable(
+                resource, "invalid_response", "the authorization server has no token_endpoint"
+            )
+        return endpoint
+
+    def _form(self, subject_token: str, resource: str, scope: str | None) -> dict[str, str]:
+        form = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": subject_token,
+            "subject_token_type": ACCESS_TOKEN_TYPE,
+        }
+        if self._target != "audience":
+            form["resource"] = resource
+        if self._target != "resource":
+            form["audience"] = resource
+        if scope is not None:
+            form["scope"] = scope
+        if self._requested_token_type is not None:
+            form["requested_token_type"] = self._requested_token_type
+        return form
+
+    async def _request(
+        self, subject_token: str, resource: str, scope: str | None
+    ) -> tuple[Grant, float | None]:
+        if not _TARGET.fullmatch(resource):
+            raise ExchangeNotAllowed(resource[:100], "invalid_target", "not a resource identifier")
+        if self._client_auth is None:
+            raise ExchangeNotAllowed(
+                resource, "client_not_configured", "no client credentials are configured"
+            )
+        endpoint = await self._endpoint(resource)
+        form = self._form(subject_token, resource, scope)
+        headers = dict(HEADERS)
+        try:
+            self._client_auth.apply(form, headers, endpoint)
+        except OSError as exc:
+            raise ExchangeUnavailable(resource, "temporarily_unavailable", str(exc)) from None
+        give_up_at = anyio.current_time() + self._deadline
+        attempt = 0
+        while True:
+            attempt += 1
+            error = await self._attempt(endpoint, form, headers, resource, give_up_at)
+            if isinstance(error, tuple):
+                return error
+            delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (attempt - 1)))  # noqa: S311
+            if error.retry_after is not None:
+                delay = max(delay, min(error.retry_after, _RETRY_AFTER_CAP))
+            if attempt >= self._attempts or anyio.current_time() + delay >= give_up_at:
+                raise error
+            await anyio.sleep(delay)
+
+    async def _attempt(
+        self,
+        endpoint: str,
+        form: dict[str, str],
+        headers: dict[str, str],
+        resource: str,
+        give_up_at: float,
+    ) -> tuple[Grant, float | None] | ExchangeUnavailable:
+        """One POST: the grant, or a retryable error; raises errors not worth retrying."""
+        try:
+            with anyio.fail_after(max(give_up_at - anyio.current_time(), 0)):
+                async with (
+                    self._limiter,
+                    self._client.stream(
+                        "POST", endpoint, data=form, headers=headers, follow_redirects=False
+                    ) as response,
+                ):
+                    body = await read_capped(response, _MAX_BODY)
+        except TimeoutError:
+            raise ExchangeUnavailable(
+                resource,
+                "temporarily_unavailable",
+                f"the token endpoint gave no answer within {self._deadline:g} s",
+            ) from None
+        except httpx.HTTPError as exc:
+            return ExchangeUnavailable(
+                resource,
+                "temporarily_unavailable",
+                f"the token endpoint could not be reached ({type(exc).__name__})",
+            )
+        except ValueError as exc:
+            raise ExchangeUnavailable(
+                resource, "invalid_response", f"the token endpoint answered {exc}"
+            ) from None
+        if response.status_code == 200:
+            return grant_from(resource, body)
+        error = error_from(resource, response.status_code, body, response.headers)
+        if isinstance(error, ExchangeUnavailable) and error.error == "temporarily_unavailable":
+            return error
+        raise error

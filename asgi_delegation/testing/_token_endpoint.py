@@ -1,0 +1,175 @@
+"""The token endpoint of LocalAuthorizationServer: RFC 8693 token exchange, with client
+authentication (RFC 6749 2.3.1, RFC 7523), answering as a real server would."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote_plus
+
+from joserfc import jwt
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+if TYPE_CHECKING:
+    from ._server import LocalAuthorizationServer
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+@dataclass
+class Client:
+    """A client registered with LocalAuthorizationServer."""
+
+    client_id: str
+    secret: str | None = None
+    public_key: RSAKey | ECKey | OKPKey | None = None
+    #: The resources this client may exchange for (its dependencies); None: any.
+    allowed_resources: frozenset[str] | None = None
+    seen_jtis: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ScriptedAnswer:
+    """One answer the token endpoint gives instead of doing its job (then it goes back to
+    normal): any status, body and headers, or ``drop`` to break the connection mid-answer."""
+
+    status: int = 200
+    body: bytes | Mapping[str, Any] = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    drop: bool = False
+
+
+class OAuthError(Exception):
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error, self.description, self.status = error, description, status
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+    form = dict(pairs)
+    if len(form) != len(pairs):
+        raise OAuthError("invalid_request", "a parameter appears more than once")
+    return form
+
+
+def _basic(header: str) -> tuple[str, str]:
+    try:
+        decoded = base64.b64decode(header[6:], validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise OAuthError("invalid_client", "malformed Basic credentials", 401) from None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise OAuthError("invalid_client", "malformed Basic credentials", 401)
+    return unquote_plus(client_id), unquote_plus(secret)
+
+
+def authenticate(
+    server: LocalAuthorizationServer, form: dict[str, str], authorization: str | None
+) -> Client:
+    """The client the request authenticates as; raises ``invalid_client``."""
+    methods = [
+        authorization is not None and authorization[:6].lower() == "basic ",
+        "client_secret" in form,
+        "client_assertion" in form,
+    ]
+    if sum(methods) != 1:
+        raise OAuthError("invalid_client", "exactly one client authentication is required", 401)
+    if methods[0]:
+        assert authorization is not None
+        client_id, secret = _basic(authorization)
+    elif methods[1]:
+        client_id, secret = form.get("client_id", ""), form["client_secret"]
+    else:
+        return _assertion_client(server, form)
+    client = server.clients.get(client_id)
+    if client is None or client.secret is None or client.secret != secret:
+        raise OAuthError("invalid_client", "client authentication failed", 401)
+    return client
+
+
+def _assertion_client(server: LocalAuthorizationServer, form: dict[str, str]) -> Client:
+    if form.get("client_assertion_type") != ASSERTION_TYPE:
+        raise OAuthError("invalid_client", "unsupported client_assertion_type", 401)
+    assertion = form["client_assertion"]
+    client = server.clients.get(form.get("client_id") or _unverified_issuer(assertion))
+    if client is None or client.public_key is None:
+        raise OAuthError("invalid_client", "client authentication failed", 401)
+    try:
+        claims = jwt.decode(assertion, client.public_key, algorithms=_ALGORITHMS).claims
+    except Exception:
+        raise OAuthError("invalid_client", "the client assertion is not valid", 401) from None
+    now = time.time()
+    if (
+        claims.get("iss") != client.client_id
+        or claims.get("sub") != client.client_id
+        or claims.get("aud") not in (server.token_endpoint, server.issuer)
+        or not isinstance(claims.get("exp"), int | float)
+        or claims["exp"] <= now
+        or not isinstance(claims.get("jti"), str)
+        or claims["jti"] in client.seen_jtis
+    ):
+        raise OAuthError("invalid_client", "the client assertion is not valid", 401)
+    client.seen_jtis.add(claims["jti"])
+    return client
+
+
+_ALGORITHMS = ["RS256", "ES256", "ES384", "ES512", "PS256", "Ed25519"]
+
+
+def _unverified_issuer(assertion: str) -> str:
+    # Only to find which client's key to verify with; the signature is checked next.
+    try:
+        payload = assertion.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return str(claims.get("iss", ""))
+    except (IndexError, ValueError, AttributeError, binascii.Error):
+        return ""
+
+
+def exchange(server: LocalAuthorizationServer, form: dict[str, str], client: Client) -> Any:
+    """The token response for a token-exchange request; raises :class:`OAuthError`."""
+    if form.get("grant_type") != TOKEN_EXCHANGE:
+        raise OAuthError("unsupported_grant_type", "only token exchange is supported")
+    if form.get("subject_token_type") != ACCESS_TOKEN_TYPE:
+        raise OAuthError("invalid_request", "subject_token_type must be an access token")
+    subject = server.verify(form.get("subject_token", ""))
+    if subject is None:
+        raise OAuthError("invalid_grant", "the subject token is not valid")
+    resource, audience = form.get("resource"), form.get("audience")
+    if server.exchange_target == "resource" and audience is not None:
+        raise OAuthError("invalid_request", "the audience parameter is not supported")
+    if server.exchange_target == "audience" and resource is not None:
+        raise OAuthError("invalid_request", "the resource parameter is not supported")
+    target = resource or audience
+    if not target or (resource and audience and resource != audience):
+        raise OAuthError("invalid_target", "exactly one target is required")
+    if client.allowed_resources is not None and target not in client.allowed_resources:
+        raise OAuthError("invalid_target", "the resource is not a dependency of the client")
+    if (subject["sub"], target) in server.unconsented:
+        raise OAuthError("access_denied", "the user has not consented to this resource")
+    requested = form.get("scope")
+    grantable = server.grantable_scopes.get(target)
+    if requested and grantable is not None and not set(requested.split()) <= grantable:
+        raise OAuthError("invalid_scope", "the requested scope exceeds what may be granted")
+    expires_in = server.exchange_expires_in
+    claims: dict[str, Any] = {"aud": target, "act": {"sub": client.client_id}}
+    if requested:
+        claims["scope"] = requested
+    token = server.mint(subject["sub"], expires_in=expires_in, claims=claims)
+    answer: dict[str, Any] = {
+        "access_token": token,
+        "issued_token_type": ACCESS_TOKEN_TYPE,
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+    }
+    if requested:
+        answer["scope"] = requested
+    return answer
