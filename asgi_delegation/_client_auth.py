@@ -38,19 +38,26 @@ class ClientAuth(Protocol):
     def apply(self, form: dict[str, str], headers: dict[str, str], token_endpoint: str) -> None:
         """Add the client's credentials to a token request."""
 
+    def secrets(self) -> tuple[str, ...]:
+        """What must never be repeated in logs or error messages."""
+
 
 class SecretBasic:
     """``client_secret_basic``: id and secret form-urlencoded, then base64 (RFC 6749 2.3.1)."""
 
-    __slots__ = ("_header", "client_id")
+    __slots__ = ("_header", "_secret", "client_id")
 
     def __init__(self, client_id: str, client_secret: str) -> None:
         self.client_id = client_id
+        self._secret = client_secret
         pair = f"{quote_plus(client_id, safe='')}:{quote_plus(client_secret, safe='')}"
         self._header = "Basic " + base64.b64encode(pair.encode()).decode()
 
     def apply(self, form: dict[str, str], headers: dict[str, str], token_endpoint: str) -> None:
         headers["Authorization"] = self._header
+
+    def secrets(self) -> tuple[str, ...]:
+        return (self._secret, self._header[6:])
 
     def __repr__(self) -> str:
         return f"SecretBasic(client_id={self.client_id!r})"
@@ -68,6 +75,9 @@ class SecretPost:
     def apply(self, form: dict[str, str], headers: dict[str, str], token_endpoint: str) -> None:
         form["client_id"] = self.client_id
         form["client_secret"] = self._secret
+
+    def secrets(self) -> tuple[str, ...]:
+        return (self._secret,)
 
     def __repr__(self) -> str:
         return f"SecretPost(client_id={self.client_id!r})"
@@ -102,6 +112,9 @@ class PrivateKeyJWT:
             client_assertion=assertion,
         )
 
+    def secrets(self) -> tuple[str, ...]:
+        return ()  # each assertion is fresh and short-lived; the key never leaves this object
+
     def __repr__(self) -> str:
         return f"PrivateKeyJWT(client_id={self.client_id!r}, alg={self._alg!r})"
 
@@ -115,13 +128,14 @@ class AssertionFile:
     def __init__(self, client_id: str, path: str | os.PathLike[str]) -> None:
         self.client_id = client_id
         self._path = Path(path)
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
         self._assertion = ""
 
     def _current(self) -> str:
         try:
             stat = self._path.stat()
-            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            # ctime too: a writer cannot set it back, even where mtime ticks coarsely.
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
             if stamp != self._stamp:
                 if stat.st_size > _MAX_ASSERTION_BYTES:
                     raise OSError("the client assertion file is too large")
@@ -137,6 +151,9 @@ class AssertionFile:
             client_assertion_type=_ASSERTION_TYPE,
             client_assertion=self._current(),
         )
+
+    def secrets(self) -> tuple[str, ...]:
+        return (self._assertion,)
 
     def __repr__(self) -> str:
         return f"AssertionFile(client_id={self.client_id!r}, path={str(self._path)!r})"

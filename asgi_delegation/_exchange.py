@@ -17,7 +17,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import anyio
 import httpx
@@ -55,6 +55,12 @@ def normalize_scope(scope: str | None) -> str | None:
     if not isinstance(scope, str):
         raise TypeError("scope must be a space-separated string or None")
     return " ".join(sorted(set(scope.split()))) or None
+
+
+class _Answer(NamedTuple):
+    status: int
+    headers: httpx.Headers
+    body: bytes
 
 
 class _Entry:
@@ -100,7 +106,7 @@ class Exchanger:
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._attempts = attempts
         self._flight: SingleFlight[Grant] = SingleFlight()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Grant]] = set()
 
     async def exchange(self, context: AccessContext, resource: str, scope: str | None) -> Grant:
         if self._allowed is not None and resource not in self._allowed:
@@ -116,7 +122,8 @@ class Exchanger:
             if now < entry.stale_at:
                 self._cache.move_to_end(key)
                 if now >= entry.refresh_at and not entry.refreshing:
-                    entry.refreshing = self._refresh_in_background(key, context, resource, scope)
+                    entry.refreshing = True
+                    self._refresh_in_background(key, context, resource, scope)
                 return entry.grant
             del self._cache[key]
         return await self._flight.run(key, partial(self._obtain, key, context, resource, scope))
@@ -158,23 +165,17 @@ class Exchanger:
 
     def _refresh_in_background(
         self, key: Hashable, context: AccessContext, resource: str, scope: str | None
-    ) -> bool:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not on asyncio: the grant is exchanged again once it goes stale
-            return False
-        task = loop.create_task(self._refresh(key, context, resource, scope))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return True
-
-    async def _refresh(
-        self, key: Hashable, context: AccessContext, resource: str, scope: str | None
     ) -> None:
-        try:
-            await self._flight.run(key, partial(self._obtain, key, context, resource, scope))
-        except ExchangeError as exc:
-            logger.warning("refreshing a grant for %s ahead of expiry failed: %s", resource, exc)
+        task = self._flight.start(key, partial(self._obtain, key, context, resource, scope))
+        if task not in self._background:
+            self._background.add(task)
+            task.add_done_callback(partial(self._refreshed, resource))
+
+    def _refreshed(self, resource: str, task: asyncio.Task[Grant]) -> None:
+        self._background.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            logger.warning("refreshing a grant for %s ahead of expiry failed: %s", resource, error)
 
     async def _endpoint(self, resource: str) -> str:
         if self._token_endpoint is not None:
@@ -220,19 +221,28 @@ class Exchanger:
                 resource, "client_not_configured", "no client credentials are configured"
             )
         endpoint = await self._endpoint(resource)
-        form = self._form(subject_token, resource, scope)
-        headers = dict(HEADERS)
-        try:
-            self._client_auth.apply(form, headers, endpoint)
-        except OSError as exc:
-            raise ExchangeUnavailable(resource, "temporarily_unavailable", str(exc)) from None
         give_up_at = anyio.current_time() + self._deadline
         attempt = 0
         while True:
             attempt += 1
-            error = await self._attempt(endpoint, form, headers, resource, give_up_at)
-            if isinstance(error, tuple):
-                return error
+            # Credentials per attempt: an assertion's jti must not be replayed by a retry.
+            form = self._form(subject_token, resource, scope)
+            headers = dict(HEADERS)
+            try:
+                self._client_auth.apply(form, headers, endpoint)
+            except OSError as exc:
+                raise ExchangeUnavailable(resource, "temporarily_unavailable", str(exc)) from None
+            answer = await self._post(endpoint, form, headers, resource, give_up_at)
+            error: ExchangeError
+            if isinstance(answer, ExchangeUnavailable):
+                error = answer
+            elif answer.status == 200:
+                return grant_from(resource, scope, answer.body)
+            else:
+                secrets = (subject_token, *self._client_auth.secrets())
+                error = error_from(resource, answer.status, answer.body, answer.headers, secrets)
+                if error.error != "temporarily_unavailable":  # only 5xx and 429 are retried
+                    raise error
             delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (attempt - 1)))  # noqa: S311
             if error.retry_after is not None:
                 delay = max(delay, min(error.retry_after, _RETRY_AFTER_CAP))
@@ -240,15 +250,15 @@ class Exchanger:
                 raise error
             await anyio.sleep(delay)
 
-    async def _attempt(
+    async def _post(
         self,
         endpoint: str,
         form: dict[str, str],
         headers: dict[str, str],
         resource: str,
         give_up_at: float,
-    ) -> tuple[Grant, float | None] | ExchangeUnavailable:
-        """One POST: the grant, or a retryable error; raises errors not worth retrying."""
+    ) -> _Answer | ExchangeUnavailable:
+        """One POST with its body read (capped), or the network error to retry after."""
         try:
             with anyio.fail_after(max(give_up_at - anyio.current_time(), 0)):
                 async with (
@@ -274,9 +284,4 @@ class Exchanger:
             raise ExchangeUnavailable(
                 resource, "invalid_response", f"the token endpoint answered {exc}"
             ) from None
-        if response.status_code == 200:
-            return grant_from(resource, body)
-        error = error_from(resource, response.status_code, body, response.headers)
-        if isinstance(error, ExchangeUnavailable) and error.error == "temporarily_unavailable":
-            return error
-        raise error
+        return _Answer(response.status_code, response.headers, body)

@@ -1,53 +1,43 @@
 """Single-flight: concurrent calls for the same key share one execution of the work.
 
 The shared work must not belong to the caller that happened to start it: if that caller is
-cancelled (its client went away), the others still need the result. The leader therefore runs
-the work in a shielded cancel scope; the work itself must be bounded by its own deadline, so a
-cancelled leader lingers at most that long. Waiters can be cancelled freely. Every waiter gets the
-leader's result or the leader's exception.
+cancelled (its client went away, a timeout fired, the server is shutting down), the others still
+need the result. The work therefore runs in a task of its own, and every caller, the first one
+included, awaits it through ``asyncio.shield``: cancelling a caller cancels only its wait. The
+work must be bounded by its own deadline. Every waiter gets the work's result or its exception.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
-
-import anyio
+import asyncio
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
-class _Flight(Generic[T]):
-    __slots__ = ("done", "error", "result")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.result: T | None = None
-        self.error: BaseException | None = None
-
-
 class SingleFlight(Generic[T]):
     def __init__(self) -> None:
-        self._flights: dict[Hashable, _Flight[T]] = {}
+        self._flights: dict[Hashable, asyncio.Task[T]] = {}
 
     def in_flight(self, key: Hashable) -> bool:
         return key in self._flights
 
-    async def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
-        flight = self._flights.get(key)
-        if flight is not None:
-            await flight.done.wait()
-        else:
-            flight = self._flights[key] = _Flight()
-            try:
-                with anyio.CancelScope(shield=True):
-                    flight.result = await work()
-            except BaseException as exc:
-                flight.error = exc
-                raise
-            finally:
-                del self._flights[key]
-                flight.done.set()
-        if flight.error is not None:
-            raise flight.error
-        return flight.result  # type: ignore[return-value]
+    def start(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
+        """The flight for ``key``: the one under way, or ``work()`` started now."""
+        task = self._flights.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(work())
+            self._flights[key] = task
+            task.add_done_callback(lambda done: self._landed(key, done))
+        return task
+
+    async def run(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Join or start the flight for ``key`` and wait for its outcome."""
+        return await asyncio.shield(self.start(key, work))
+
+    def _landed(self, key: Hashable, task: asyncio.Task[T]) -> None:
+        if self._flights.get(key) is task:
+            del self._flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone, and that is fine

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from collections.abc import Iterable
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import quote_plus
 
 from . import _clock
 from ._errors import ExchangeDenied, ExchangeError, ExchangeUnavailable
@@ -30,11 +33,14 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 _MAX_DESCRIPTION = 200
 
 
-def sanitize(text: object) -> str | None:
-    """A server-supplied description made safe to log: no control characters, nothing shaped
-    like a token, at most 200 characters."""
+def sanitize(text: object, secrets: Iterable[str] = ()) -> str | None:
+    """A server-supplied description made safe to log: none of ``secrets`` (raw or
+    form-encoded), no control characters, nothing shaped like a token, at most 200 characters."""
     if not isinstance(text, str) or not text:
         return None
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]").replace(quote_plus(secret), "[redacted]")
     text = _SECRET_LIKE.sub("[redacted]", _CONTROL.sub(" ", text[: _MAX_DESCRIPTION * 4]))
     text = text.strip()
     return (text[:_MAX_DESCRIPTION] + "...") if len(text) > _MAX_DESCRIPTION else text or None
@@ -78,8 +84,10 @@ def _unusable(resource: str, why: str) -> ExchangeUnavailable:
     return ExchangeUnavailable(resource, "invalid_response", f"the token endpoint answered {why}")
 
 
-def error_from(resource: str, status: int, body: bytes, headers: Any) -> ExchangeError:
-    """The exception for a non-200 answer."""
+def error_from(
+    resource: str, status: int, body: bytes, headers: Any, secrets: Iterable[str]
+) -> ExchangeError:
+    """The exception for a non-200 answer; ``secrets`` never appear in its description."""
     wait = retry_after(headers.get("retry-after"))
     if status == 429 or status >= 500:
         return ExchangeUnavailable(
@@ -95,13 +103,17 @@ def error_from(resource: str, status: int, body: bytes, headers: Any) -> Exchang
     code = document.get("error")
     if status in (400, 401, 403) and isinstance(code, str) and _ERROR_CODE.fullmatch(code):
         return ExchangeDenied(
-            resource, code, sanitize(document.get("error_description")), retry_after=wait
+            resource, code, sanitize(document.get("error_description"), secrets), retry_after=wait
         )
     return _unusable(resource, f"HTTP {status} without an OAuth error")
 
 
-def grant_from(resource: str, body: bytes) -> tuple[Grant, float | None]:
-    """The grant in a 200 answer, and its lifetime in seconds (None when unknown)."""
+def grant_from(
+    resource: str, requested_scope: str | None, body: bytes
+) -> tuple[Grant, float | None]:
+    """The grant in a 200 answer, and its lifetime in seconds (None when unknown).
+
+    An answer without ``scope`` granted the requested scope (RFC 6749 5.1)."""
     try:
         document = parse_json_object(body)
     except ValueError as exc:
@@ -125,8 +137,9 @@ def grant_from(resource: str, body: bytes) -> tuple[Grant, float | None]:
         access_token=token,
         token_type=token_type,
         expires_at=None if seconds is None else _clock.now() + seconds,
-        scope=scope if isinstance(scope, str) else None,
+        scope=scope if isinstance(scope, str) else requested_scope,
         resource=resource,
-        issued_token_type=issued if isinstance(issued, str) else None,
+        # Interned: every grant shares the one string its server keeps sending.
+        issued_token_type=sys.intern(issued) if isinstance(issued, str) else None,
     )
     return grant, seconds

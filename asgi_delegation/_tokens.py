@@ -158,14 +158,14 @@ class TokenValidator:
 
     async def validate(self, token: bytes, digest: bytes) -> ValidToken:
         """Validate ``token`` in full and cache the result; raises :class:`InvalidToken`."""
-        valid = await self._validate(token)
+        valid = await self._validate(token, digest)
         cache = self._cache
         cache[digest] = valid
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
         return valid
 
-    async def _validate(self, token: bytes) -> ValidToken:
+    async def _validate(self, token: bytes, digest: bytes) -> ValidToken:
         if len(token) > self._max_bytes:
             raise InvalidToken("too_large")
         if not _COMPACT_JWS.fullmatch(token):
@@ -194,6 +194,10 @@ class TokenValidator:
         signing_key = await self._jwks.find(kid, alg)
         if signing_key is None:
             raise InvalidToken("unknown_key")
+        # While the keys were fetched, a concurrent request may have validated this very token.
+        done = self.cached(digest)
+        if done is not None:
+            return done
         # The header is already judged and the key chosen, so joserfc's algorithm verifies the
         # signature directly rather than parsing the whole token a second time.
         signing_input = token[: len(header_segment) + 1 + len(payload_segment)]

@@ -185,3 +185,22 @@ async def test_algorithms_option_narrows(
     gateway = gateway_factory(algorithms=["ES256"])
     assert (await gateway.get(auth.mint(audience=RESOURCE))).status_code == 401
     assert fetches(auth, "jwks") == 0  # refused on the header alone
+
+
+async def test_concurrent_cold_copies_of_one_token_verify_its_signature_once(
+    gateway: Gateway, auth: LocalAuthorizationServer, token: str, monkeypatch: Any
+) -> None:
+    verifiers = gateway.middleware._validator._verifiers
+    real = verifiers["RS256"]
+    checks = 0
+
+    class Counting:
+        def verify(self, *args: Any) -> bool:
+            nonlocal checks
+            checks += 1
+            return real.verify(*args)
+
+    monkeypatch.setitem(verifiers, "RS256", Counting())
+    responses = await asyncio.gather(*(gateway.get(token) for _ in range(50)))
+    assert {r.status_code for r in responses} == {200}
+    assert checks == 1
