@@ -31,18 +31,31 @@ def loopback_socket(host: str = "127.0.0.1", port: int = 0) -> Iterator[tuple[so
         yield sock, (f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}")
 
 
-@asynccontextmanager
-async def serve_on(app: Any, sock: socket.socket) -> AsyncIterator[None]:
-    """Serve ``app`` with uvicorn (an optional dependency) on ``sock`` until the block ends.
-
-    The server runs on its own thread and event loop, as a separate server process would, so
-    the block may begin and end in different tasks (as pytest fixtures do).
-    """
-    import uvicorn
+def _started(app: Any, sock: socket.socket) -> tuple[Any, threading.Thread]:
+    import uvicorn  # an optional dependency: pip install 'asgi-delegation[serve]'
 
     server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    return server, thread
+
+
+@contextmanager
+def running_on(app: Any, sock: socket.socket) -> Iterator[None]:
+    """Serve ``app`` with uvicorn on ``sock``, on a thread of its own, until the block ends."""
+    server, thread = _started(app, sock)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+@asynccontextmanager
+async def serve_on(app: Any, sock: socket.socket) -> AsyncIterator[None]:
+    """The same inside an event loop: the block may begin and end in different tasks (as
+    pytest fixtures do), and the loop is not blocked while the server stops."""
+    server, thread = _started(app, sock)
     try:
         yield
     finally:

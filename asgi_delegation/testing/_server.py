@@ -12,8 +12,8 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -26,7 +26,7 @@ from joserfc.jws import JWSRegistry
 from .._jwks import ALGORITHM_KEYS
 from .._types import Receive, Scope, Send
 from .._urls import secure_url, url_path, well_known_urls
-from ._serve import loopback_socket, serve_on
+from ._serve import loopback_socket, running_on, serve_on
 from ._token_endpoint import (
     TOKEN_EXCHANGE,
     Client,
@@ -308,10 +308,19 @@ class LocalAuthorizationServer:
     @asynccontextmanager
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
         """Serve on ``host:port`` (loopback only; port 0 picks a free one) until the block
-        ends; yields the issuer URL, which ``self.issuer`` also takes. Needs uvicorn."""
+        ends; yields the issuer URL, which ``self.issuer`` also takes. Needs uvicorn
+        (``pip install 'asgi-delegation[serve]'``)."""
         with loopback_socket(host, port) as (sock, origin):
             self.issuer = origin + url_path(self.issuer)
             async with serve_on(self, sock):
+                yield self.issuer
+
+    @contextmanager
+    def running(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+        """``serve()`` for code without an event loop (scripts, synchronous fixtures)."""
+        with loopback_socket(host, port) as (sock, origin):
+            self.issuer = origin + url_path(self.issuer)
+            with running_on(self, sock):
                 yield self.issuer
 
 

@@ -1,0 +1,7 @@
+"""``python -m asgi_delegation``: the same as the ``asgi-delegation`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
