@@ -32,7 +32,12 @@ def loopback_socket(host: str = "127.0.0.1", port: int = 0) -> Iterator[tuple[so
 
 
 def _started(app: Any, sock: socket.socket) -> tuple[Any, threading.Thread]:
-    import uvicorn  # an optional dependency: pip install 'asgi-delegation[serve]'
+    try:
+        import uvicorn  # an optional dependency
+    except ImportError:
+        raise RuntimeError(
+            "serving on a loopback port needs uvicorn: pip install 'asgi-delegation[serve]'"
+        ) from None
 
     server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -1,0 +1,113 @@
+"""`asgi-delegation bench`, end to end: embedded, against a served LocalAuthorizationServer as
+a "deployment", and its failures explained."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import anyio
+import pytest
+
+from asgi_delegation.cli import main
+from asgi_delegation.testing import LocalAuthorizationServer
+
+from .conftest import CLIENT_ID, CLIENT_SECRET, GITHUB, RESOURCE
+
+QUICK = ["--users", "3", "--resources", "2", "--duration", "0.2", "--samples", "10"]
+
+
+def test_embedded_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *QUICK, "--burst", "200", "--latency", "5"]) == 0
+    out = capsys.readouterr().out
+    for section in (
+        "Inbound validation", "first-seen token", "cached token", "Token exchange, cold",
+        "Token exchange, cached", "Burst: 200 concurrent identical requests",
+        "requests served                   200 of 200", "token endpoint calls              1",
+        "Throughput", "Cold exchange latency",
+    ):  # fmt: skip
+        assert section in out
+
+
+def test_embedded_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *QUICK, "--burst", "50", "--latency", "0", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["mode"] == "embedded"
+    assert figures["burst"] == {**figures["burst"], "served": 50, "token_endpoint_calls": 1}
+    assert figures["throughput"]["token_endpoint_calls"] == 0  # everything cached by then
+    assert figures["exchange"]["cold_ms"]["n"] == 6  # 3 users x 2 resources
+    assert figures["validation_us"]["first_seen"]["n"] == 10
+    assert len(figures["cold_exchange_samples_ms"]) == 6
+
+
+def test_the_module_runs_as_a_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "asgi_delegation", "bench", "--help"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert "--issuer" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["bench", "--issuer", "https://a.example"], ["bench", "--users", "0"], ["nonsense"], []],
+)
+def test_usage_errors_exit_2(argv: list[str]) -> None:
+    try:
+        code: object = main(argv)
+    except SystemExit as exited:  # argparse's own usage errors
+        code = exited.code
+    assert code == 2
+
+
+async def _deployment_bench(
+    auth: LocalAuthorizationServer, capsys: pytest.CaptureFixture[str], token: str, *extra: str
+) -> tuple[int, str, str]:
+    argv = [
+        "bench", "--issuer", auth.issuer, "--resource", RESOURCE, "--token", token,
+        "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET, "--upstream", GITHUB,
+        "--samples", "3", "--duration", "0.1", "--burst", "20", *extra,
+    ]  # fmt: skip
+    code = await anyio.to_thread.run_sync(main, argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+async def test_against_a_deployment(
+    served_auth: LocalAuthorizationServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = served_auth.mint("alice", audience=RESOURCE)
+    code, out, err = await _deployment_bench(served_auth, capsys, token, "--json")
+    assert code == 0, err
+    figures: dict[str, Any] = json.loads(out)
+    assert figures["mode"] == "deployment"
+    assert figures["burst"]["served"] == 20
+    assert figures["exchange"]["cold_ms"]["n"] == 3
+    assert token not in out + err
+    assert CLIENT_SECRET not in out + err
+
+
+async def test_a_failed_exchange_is_explained(
+    served_auth: LocalAuthorizationServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served_auth.register_client(CLIENT_ID, secret=CLIENT_SECRET, allowed_resources=["other"])
+    token = served_auth.mint("alice", audience=RESOURCE)
+    code, out, err = await _deployment_bench(served_auth, capsys, token)
+    assert code == 1
+    assert "invalid_target" in err
+    assert "not a dependency of the application" in err
+    assert token not in out + err
+
+
+async def test_a_refused_user_token_points_to_doctor(
+    served_auth: LocalAuthorizationServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = served_auth.mint("alice", audience="https://someone-else.example")
+    code, out, err = await _deployment_bench(served_auth, capsys, token)
+    assert code == 1
+    assert "HTTP 401" in err
+    assert "asgi-delegation doctor" in err
+    assert token not in out + err
