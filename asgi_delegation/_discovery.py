@@ -17,7 +17,7 @@ from ._fetch import FetchError, fetch_json, max_age
 from ._refresh import Refreshing
 from ._urls import secure_url, url_path, well_known_urls
 
-_MAX_BYTES = 256 * 1024
+MAX_BYTES = 256 * 1024
 _DEFAULT_TTL = 3600.0
 _MIN_TTL, _MAX_TTL = 60.0, 86400.0
 
@@ -65,7 +65,7 @@ class Discovery:
         for url in self._urls:
             try:
                 fetched = await fetch_json(
-                    self._client, url, deadline=self._deadline, max_bytes=_MAX_BYTES
+                    self._client, url, deadline=self._deadline, max_bytes=MAX_BYTES
                 )
                 document = fetched.document
                 if document.get("issuer") != self._issuer:

@@ -46,7 +46,7 @@ Policy: TypeAlias = "Callable[[AccessContext, str, str | None], bool | Awaitable
 _EXPIRY_SKEW = 5.0  # a grant this close to expiring is no longer handed out
 _MAX_BODY = 64 * 1024
 _BACKOFF_BASE, _BACKOFF_CAP, _RETRY_AFTER_CAP = 0.1, 2.0, 5.0
-_TARGET = re.compile(r"[\x21-\x7e]{1,2048}")
+TARGET = re.compile(r"[\x21-\x7e]{1,2048}")
 
 
 def normalize_scope(scope: str | None) -> str | None:
@@ -214,7 +214,7 @@ class Exchanger:
     async def _request(
         self, subject_token: str, resource: str, scope: str | None
     ) -> tuple[Grant, float | None]:
-        if not _TARGET.fullmatch(resource):
+        if not TARGET.fullmatch(resource):
             raise ExchangeNotAllowed(resource[:100], "invalid_target", "not a resource identifier")
         if self._client_auth is None:
             raise ExchangeNotAllowed(

@@ -24,7 +24,7 @@ from ._discovery import Discovery
 from ._fetch import FetchError, fetch_json, max_age
 from ._refresh import Refreshing
 
-_MAX_BYTES = 512 * 1024
+MAX_BYTES = 512 * 1024  # of a JWKS document
 _MAX_KEYS = 64
 _MAX_KID_LENGTH = 256
 _DEFAULT_TTL = 600.0
@@ -76,31 +76,53 @@ class SigningKey:
         )
 
 
-def usable_key(jwk: object, algorithms: Iterable[str]) -> SigningKey | None:
-    """The verification key ``jwk`` describes, or None if it must not be used for signatures."""
+#: What :func:`check_key` says of keys that hold secret material: publishing one is a leak.
+PRIVATE_KEY = "private key"
+SYMMETRIC_KEY = "symmetric (oct)"
+
+
+def check_key(jwk: object, algorithms: Iterable[str]) -> SigningKey | str:
+    """The verification key ``jwk`` describes, or why it must not be used for signatures, in a
+    few words (``PRIVATE_KEY``, ``"use 'enc'"``, ``"RSA under 2048 bits"``...)."""
     if not isinstance(jwk, dict):
-        return None
+        return "not an object"
     kty, crv, alg, kid = jwk.get("kty"), jwk.get("crv"), jwk.get("alg"), jwk.get("kid")
-    if not isinstance(kty, str) or kty not in _IMPORTERS or _PRIVATE_MEMBERS & jwk.keys():
-        return None
+    if kty == "oct":
+        return SYMMETRIC_KEY
+    if not isinstance(kty, str) or kty not in _IMPORTERS:
+        return f"kty {_quoted(kty)}"
+    if _PRIVATE_MEMBERS & jwk.keys():
+        return PRIVATE_KEY
     if jwk.get("use", "sig") != "sig":
-        return None
+        return f"use {_quoted(jwk.get('use'))}"
     key_ops = jwk.get("key_ops")
     if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
-        return None
+        return "key_ops without verify"
     if kty != "RSA" and crv not in _SIGNING_CURVES:
-        return None
+        return f"crv {_quoted(crv)}"
     if alg is not None and alg not in algorithms:
-        return None
+        return f"alg {_quoted(alg)} not accepted"
     if kid is not None and (not isinstance(kid, str) or len(kid) > _MAX_KID_LENGTH):
-        return None
+        return f"kid not a string of at most {_MAX_KID_LENGTH} characters"
     if kty == "RSA" and _rsa_bits(jwk.get("n")) < _MIN_RSA_BITS:
-        return None
+        return f"RSA under {_MIN_RSA_BITS} bits"
     try:
         key = _IMPORTERS[kty].import_key(jwk)
     except Exception:  # joserfc raises KeyError, ValueError, TypeError... on malformed keys
-        return None
+        return "malformed"
     return SigningKey(kid, kty, crv if kty != "RSA" else None, alg, key)
+
+
+def usable_key(jwk: object, algorithms: Iterable[str]) -> SigningKey | None:
+    """The verification key ``jwk`` describes, or None if it must not be used for signatures."""
+    checked = check_key(jwk, algorithms)
+    return checked if isinstance(checked, SigningKey) else None
+
+
+def _quoted(value: object, limit: int = 20) -> str:
+    """A value from a remote document, quoted and bounded (a JWKS may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _rsa_bits(n: object) -> int:
@@ -183,7 +205,7 @@ class JWKS:
             uri = (await self._discovery.get()).jwks_uri
             if uri is None:
                 raise FetchError("the authorization server metadata has no jwks_uri")
-        fetched = await fetch_json(self._client, uri, deadline=self._deadline, max_bytes=_MAX_BYTES)
+        fetched = await fetch_json(self._client, uri, deadline=self._deadline, max_bytes=MAX_BYTES)
         entries = fetched.document.get("keys")
         if not isinstance(entries, list):
             raise FetchError(f"GET {uri} answered a document without a 'keys' list")

@@ -41,7 +41,7 @@ DEFAULT_ALGORITHMS = (
     "Ed25519",
 )
 # RFC 6749 scope-token characters: printable ASCII without space, '"' and '\'.
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
 
 
@@ -50,7 +50,7 @@ def _scopes(value: Iterable[str], what: str) -> tuple[str, ...]:
         raise ConfigurationError(f"{what} must be a list of scopes, not a string")
     scopes = tuple(dict.fromkeys(value))
     for scope in scopes:
-        if not isinstance(scope, str) or not _SCOPE_TOKEN.fullmatch(scope):
+        if not isinstance(scope, str) or not SCOPE_TOKEN.fullmatch(scope):
             raise ConfigurationError(f"{what} holds a scope that is not an RFC 6749 scope token")
     return scopes
 

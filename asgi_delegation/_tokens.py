@@ -27,7 +27,7 @@ from ._jwks import JWKS
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # Headers that point at keys (honouring any would let the token choose its own key), critical
 # extensions (none is understood here) and unencoded payloads (RFC 7797): all refused.
-_REFUSED_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit", "b64"})
+REFUSED_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit", "b64"})
 _TYP_ALLOWED = frozenset({"at+jwt", "application/at+jwt", "jwt", "application/jwt"})
 _ABSENT: Any = object()
 _TYP_AT_JWT = frozenset({"at+jwt", "application/at+jwt"})
@@ -91,6 +91,21 @@ def _parse_segment(segment: bytes) -> dict[str, Any]:
         return parse_json_object(_b64decode(segment), unique_keys=True)
     except (ValueError, binascii.Error):
         raise InvalidToken("malformed") from None
+
+
+def unverified(token: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None] | None:
+    """The header and the claims of ``token``, each decoded but NOT verified (None where that part
+    is not base64url JSON), or None when ``token`` is no compact JWS: only ever to explain why
+    the validator refused it."""
+    if not _COMPACT_JWS.fullmatch(token):
+        return None
+    parts: list[dict[str, Any] | None] = []
+    for segment in token.split(b".")[:2]:
+        try:
+            parts.append(_parse_segment(segment))
+        except InvalidToken:
+            parts.append(None)
+    return parts[0], parts[1]
 
 
 def _numeric_date(claims: Mapping[str, Any], name: str, *, required: bool) -> float | None:
@@ -175,7 +190,7 @@ class TokenValidator:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise InvalidToken("algorithm")
-        if _REFUSED_HEADERS & header.keys():
+        if REFUSED_HEADERS & header.keys():
             raise InvalidToken("header")
         typ = header.get("typ", _ABSENT)
         if typ is _ABSENT:

@@ -33,6 +33,7 @@ from typing import Any
 from .. import AccessContext, DelegationMiddleware, ExchangeError
 from .._types import Message, Scope
 from ..testing import LocalAuthorizationServer
+from ._args import count, number
 from ._diagnosis import explain
 from ._report import Progress, facts, histogram, percentiles, table
 
@@ -40,39 +41,28 @@ _RESOURCE = "http://127.0.0.1:8000/mcp"
 _CLIENT_ID = "bench-client"
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError("must be between 0 and 3600")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--users", type=_count, default=20, help="users (default 20)")
+    parser.add_argument("--users", type=count, default=20, help="users (default 20)")
     parser.add_argument(
-        "--resources", type=_count, default=3, help="upstream resources, embedded (default 3)"
+        "--resources", type=count, default=3, help="upstream resources, embedded (default 3)"
     )
     parser.add_argument(
-        "--concurrency", type=_count, default=50, help="workers in the throughput phase (50)"
+        "--concurrency", type=count, default=50, help="workers in the throughput phase (50)"
     )
     parser.add_argument(
-        "--duration", type=_seconds, default=3.0, help="seconds of the throughput phase (3)"
+        "--duration", type=number(0, 3600), default=3.0, help="seconds of the throughput phase (3)"
     )
     parser.add_argument(
-        "--burst", type=_count, help="concurrent identical requests (1000; 50 on a deployment)"
+        "--burst", type=count, help="concurrent identical requests (1000; 50 on a deployment)"
     )
     parser.add_argument(
-        "--latency", type=_seconds, default=20.0, help="simulated token endpoint latency, ms (20)"
+        "--latency",
+        type=number(0, 10_000, "ms"),
+        default=20.0,
+        help="simulated token endpoint latency, ms (20)",
     )
     parser.add_argument(
-        "--samples", type=_count, default=200, help="first-seen tokens / repeated samples (200)"
+        "--samples", type=count, default=200, help="first-seen tokens / repeated samples (200)"
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

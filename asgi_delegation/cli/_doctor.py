@@ -1,13 +1,852 @@
-"""(to be written)"""
+"""Check a deployment step by step, the way the delegated-access guide's troubleshooting does,
+and say how to fix what fails. One line per check, in this order:
+
+  resource URL        --resource is https:// (http:// only on loopback hosts), no #fragment
+  issuer URL          --issuer likewise
+  discovery           the issuer's metadata (RFC 8414, then OpenID Connect) is reachable and
+                      names --issuer byte for byte (a trailing slash counts)
+  JWKS                the issuer's keys are reachable, with at least one usable signing key
+  token endpoint      present, and advertising the token-exchange grant (RFC 8693)
+  user token          the token validates for --resource with the middleware itself; if not,
+                      why: signature, iss, aud, exp, scopes (with --token, --token-file or
+                      ASGI_DELEGATION_TOKEN; skipped without one)
+  client credentials  the token endpoint accepts --client-id / --client-secret (an exchange
+                      for the first --upstream; skipped without a client id or an upstream)
+  upstream RESOURCE   one per --upstream: the exchange succeeds, or what it points to (not a
+                      dependency of the application, user has not consented, scope mismatch...)
+
+Each line is PASS, FAIL (followed by a "fix:" line) or SKIP (a check it needs did not pass).
+The user token, the client secret and exchanged tokens are never printed. Prefer
+--token-file or ASGI_DELEGATION_TOKEN to --token, and KEYCARD_CLIENT_SECRET to
+--client-secret: command lines are visible to other users of the machine.
+
+Exit codes: 0 no check failed, 1 a check failed, 2 usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from hashlib import sha256
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+
+from .. import _clock
+from .._context import AccessContext
+from .._discovery import MAX_BYTES as DISCOVERY_MAX_BYTES
+from .._discovery import discovery_urls
+from .._errors import ConfigurationError, ExchangeError, ExchangeUnavailable
+from .._exchange import TARGET, TOKEN_EXCHANGE, normalize_scope
+from .._fetch import FetchError, fetch_json, parse_json_object
+from .._grant import Grant
+from .._jwks import MAX_BYTES as JWKS_MAX_BYTES
+from .._jwks import PRIVATE_KEY, SYMMETRIC_KEY, SigningKey, check_key
+from .._middleware import DEFAULT_ALGORITHMS, SCOPE_TOKEN, DelegationMiddleware
+from .._refresh import Unavailable
+from .._tokens import REFUSED_HEADERS, InvalidToken, unverified
+from .._types import Message, Receive, Scope, Send
+from .._urls import secure_url
+from ._args import number
+from ._diagnosis import explain
+
+TOKEN_ENV = "ASGI_DELEGATION_TOKEN"
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+
+_CLIENT_PROBLEMS = frozenset({"invalid_client", "unauthorized_client", "client_not_configured"})
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str | None = None
+
+
+@dataclass
+class Options:
+    issuer: str
+    resource: str
+    token: str | None
+    token_problem: str | None
+    client_id: str | None
+    client_secret: str | None
+    upstreams: list[tuple[str, str | None]]
+    scopes: list[str]
+    timeout: float
+    secrets: list[str] = field(default_factory=list)
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def _scope_list(value: str) -> list[str]:
+    scopes = value.split()
+    for scope in scopes:
+        if not SCOPE_TOKEN.fullmatch(scope):
+            raise argparse.ArgumentTypeError(f"not an OAuth scope: {scope!r}")
+    return scopes
+
+
+def _upstream(value: str) -> tuple[str, str | None]:
+    if not value.split():
+        raise argparse.ArgumentTypeError("an upstream resource is required")
+    resource, *scopes = value.split()  # resources never contain spaces: the rest is scopes
+    if not TARGET.fullmatch(resource):
+        raise argparse.ArgumentTypeError(f"not a resource identifier: {resource!r}")
+    _scope_list(" ".join(scopes))
+    return resource, normalize_scope(" ".join(scopes))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument(
+        "--issuer", required=True, metavar="URL", help="the authorization server's issuer"
+    )
+    parser.add_argument(
+        "--resource",
+        required=True,
+        metavar="URL",
+        help="this server's resource identifier, as given to DelegationMiddleware(resource=)",
+    )
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token",
+        metavar="USER_TOKEN",
+        help=f"a user's access token (default: ${TOKEN_ENV}; a command line is visible to "
+        "other users, the environment and --token-file are not)",
+    )
+    token.add_argument(
+        "--token-file", metavar="PATH", help="read the user's access token from PATH ('-': stdin)"
+    )
+    parser.add_argument(
+        "--client-id",
+        help="the application's client id (default: $KEYCARD_CLIENT_ID)",
+    )
+    parser.add_argument(
+        "--client-secret",
+        help="the application's client secret (default: $KEYCARD_CLIENT_SECRET)",
+    )
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        type=_upstream,
+        metavar="'RESOURCE [SCOPE ...]'",
+        help="an upstream API to exchange the token for, optionally with the scopes to request "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        type=_scope_list,
+        metavar="SCOPE",
+        help="a scope the user token must carry (repeatable, or space-separated)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=number(0.1, 120),
+        default=10.0,
+        metavar="SECONDS",
+        help="total seconds for one request to the authorization server (default: 10)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help='print {"checks": [...], "ok": ...} instead'
+    )
+
+
+def _read_token(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The user token (None without one), or what went wrong reading it."""
+    if args.token is not None:
+        raw, source = args.token, "--token"
+    elif args.token_file is not None:
+        source = f"--token-file {args.token_file}"
+        try:
+            if args.token_file == "-":
+                raw = sys.stdin.read(1024 * 1024)
+            else:
+                with open(args.token_file, encoding="utf-8") as file:
+                    raw = file.read(1024 * 1024)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            return None, f"cannot read {source}: {reason}"
+    elif os.environ.get(TOKEN_ENV):
+        raw, source = os.environ[TOKEN_ENV], f"${TOKEN_ENV}"
+    else:
+        return None, None
+    token = raw.strip()
+    if token[:7].lower() == "bearer ":
+        token = token[7:].strip()
+    if not token:
+        return None, f"{source} holds no token"
+    if not token.isascii() or any(ch.isspace() or not ch.isprintable() for ch in token):
+        return None, f"{source} is not a bearer token (spaces or non-ASCII characters)"
+    return token, None
+
+
+def _options(args: argparse.Namespace) -> Options:
+    token, problem = _read_token(args)
+    client_id = args.client_id or os.environ.get("KEYCARD_CLIENT_ID") or None
+    client_secret = args.client_secret or os.environ.get("KEYCARD_CLIENT_SECRET") or None
+    secrets = [s for s in (token, client_secret, args.token) if s]
+    return Options(
+        issuer=args.issuer,
+        resource=args.resource,
+        token=token,
+        token_problem=problem,
+        client_id=client_id,
+        client_secret=client_secret,
+        upstreams=list(dict.fromkeys(args.upstream)),
+        scopes=list(dict.fromkeys(s for group in args.scope for s in group)),
+        timeout=args.timeout,
+        secrets=secrets,
+    )
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _show(value: object, limit: int = 120) -> str:
+    """A value from a remote document or a token, quoted and bounded, safe to print."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _duration(seconds: float) -> str:
+    s = round(abs(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 2 * 3600:
+        return f"{round(s / 60)} min"
+    if s < 2 * 86400:
+        return f"{round(s / 3600)} h"
+    return f"{round(s / 86400)} days"
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def redacted(checks: Iterable[Check], secrets: Sequence[str]) -> list[Check]:
+    """The checks without any of ``secrets``: no check should hold one, but if one ever did
+    (say an authorization server echoing it), it is not printed. Done before rendering, so a
+    secret is caught before JSON escaping could disguise it."""
+    return [
+        Check(
+            _redact(c.name, secrets),
+            c.status,
+            _redact(c.detail, secrets),
+            None if c.fix is None else _redact(c.fix, secrets),
+        )
+        for c in checks
+    ]
+
+
+def render(checks: Sequence[Check], *, as_json: bool) -> str:
+    ok = not any(c.status == FAIL for c in checks)
+    if as_json:
+        return json.dumps({"checks": [asdict(c) for c in checks], "ok": ok}, indent=2)
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for check in checks:
+        lines.append(f"{check.status}  {check.name:<{width}}  {check.detail}".rstrip())
+        if check.fix:
+            lines.append(f"      fix: {check.fix}")
+    counts = Counter(c.status for c in checks)
+    lines.append(
+        f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped: "
+        + ("no problem found" if ok else "fix the first FAIL first")
+    )
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    options = _options(args)
+    checks = redacted(asyncio.run(diagnose(options)), options.secrets)
+    print(render(checks, as_json=args.json), flush=True)
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+# -- the checks ---------------------------------------------------------------------------------
+
+
+def _url_check(name: str, url: str, what: str, fix: str) -> Check:
+    try:
+        secure_url(url, what)
+        if what == "--issuer" and urlsplit(url).query:
+            raise ConfigurationError("--issuer must not have a query")
+    except ConfigurationError as exc:
+        return Check(name, FAIL, f"{exc}: {_show(url)}", fix)
+    return Check(name, PASS, url)
+
+
+async def _discovery(
+    client: httpx.AsyncClient, issuer: str, deadline: float
+) -> tuple[Check, Mapping[str, Any] | None]:
+    reasons: list[str] = []
+    mismatch: tuple[str, object] | None = None
+    for url in discovery_urls(issuer):
+        try:
+            fetched = await fetch_json(
+                client, url, deadline=deadline, max_bytes=DISCOVERY_MAX_BYTES
+            )
+        except FetchError as exc:
+            reasons.append(str(exc))
+            continue
+        announced = fetched.document.get("issuer")
+        if announced == issuer:
+            return Check("discovery", PASS, f"{url} names the issuer"), fetched.document
+        if mismatch is None:
+            mismatch = (url, announced)
+    if mismatch is not None:
+        url, announced = mismatch
+        if not isinstance(announced, str):
+            return Check(
+                "discovery",
+                FAIL,
+                f"{url} has no issuer member",
+                "the authorization server metadata must name its issuer (RFC 8414)",
+            ), None
+        detail = f"{url} names issuer {_show(announced)}, not {_show(issuer)}"
+        if announced.rstrip("/") == issuer.rstrip("/"):
+            fix = (
+                f"trailing slash mismatch: the issuer must match byte for byte; use --issuer "
+                f"{announced} and issuer={announced!r} in DelegationMiddleware"
+            )
+        else:
+            fix = (
+                f"if {announced} is your authorization server, use exactly that as --issuer "
+                "and issuer=; otherwise --issuer points at another server"
+            )
+        return Check("discovery", FAIL, detail, fix), None
+    return Check(
+        "discovery",
+        FAIL,
+        "no authorization server metadata: " + "; ".join(reasons),
+        "check --issuer (your zone's issuer URL) and that the authorization server is "
+        "reachable from this host (DNS, firewall, proxy)",
+    ), None
+
+
+async def _jwks(
+    client: httpx.AsyncClient, metadata: Mapping[str, Any], deadline: float
+) -> tuple[Check, set[str | None] | None]:
+    uri = metadata.get("jwks_uri")
+    if uri is None:
+        return Check(
+            "JWKS",
+            FAIL,
+            "the metadata has no jwks_uri",
+            "publish jwks_uri in the authorization server metadata, or pass jwks_uri= to "
+            "DelegationMiddleware",
+        ), None
+    try:
+        secure_url(uri, "the metadata's jwks_uri")
+        fetched = await fetch_json(client, uri, deadline=deadline, max_bytes=JWKS_MAX_BYTES)
+    except ConfigurationError as exc:
+        return Check("JWKS", FAIL, f"{exc}: {_show(uri)}", "fix the issuer's metadata"), None
+    except FetchError as exc:
+        return Check(
+            "JWKS",
+            FAIL,
+            str(exc),
+            "the JWKS must be reachable from this host; check the network path and the "
+            "authorization server's status",
+        ), None
+    entries = fetched.document.get("keys")
+    if not isinstance(entries, list):
+        return Check(
+            "JWKS", FAIL, f"{uri} has no 'keys' list", "publish a JWK Set (RFC 7517)"
+        ), None
+    judged = [check_key(entry, DEFAULT_ALGORITHMS) for entry in entries]
+    usable = [key for key in judged if isinstance(key, SigningKey)]
+    dropped = Counter(reason for reason in judged if isinstance(reason, str))
+    why = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+    leaked = dropped[PRIVATE_KEY] + dropped[SYMMETRIC_KEY]
+    if leaked:
+        return Check(
+            "JWKS",
+            FAIL,
+            f"{uri} publishes secret key material ({why})",
+            "remove private and symmetric keys from the JWKS now, and rotate them: anyone "
+            "can sign tokens with them",
+        ), None
+    if not usable:
+        return Check(
+            "JWKS",
+            FAIL,
+            f"{uri} has no usable signing key" + (f" ({why})" if why else ""),
+            "the issuer must publish its public signing keys (RSA of 2048 bits or more, EC or "
+            "Ed25519; use 'sig'; an accepted alg)",
+        ), None
+    detail = f"{len(usable)} usable signing key{'s' if len(usable) > 1 else ''} at {uri}"
+    if dropped:
+        detail += f"; {sum(dropped.values())} ignored ({why})"
+    return Check("JWKS", PASS, detail), {key.kid for key in usable}
+
+
+def _token_endpoint(metadata: Mapping[str, Any]) -> Check:
+    name = "token endpoint"
+    endpoint = metadata.get("token_endpoint")
+    if endpoint is None:
+        return Check(
+            name,
+            FAIL,
+            "the metadata has no token_endpoint",
+            "the authorization server must publish token_endpoint, or pass token_endpoint= "
+            "to DelegationMiddleware",
+        )
+    try:
+        secure_url(endpoint, "the metadata's token_endpoint")
+    except ConfigurationError as exc:
+        return Check(name, FAIL, f"{exc}: {_show(endpoint)}", "fix the issuer's metadata")
+    grant_types = metadata.get("grant_types_supported")
+    if grant_types is None:
+        return Check(
+            name,
+            PASS,
+            f"{endpoint} (note: grant_types_supported is not published, so token exchange "
+            "support is unconfirmed)",
+        )
+    if not isinstance(grant_types, list) or TOKEN_EXCHANGE not in grant_types:
+        return Check(
+            name,
+            FAIL,
+            f"{endpoint}, but grant_types_supported does not list token exchange",
+            f"enable the {TOKEN_EXCHANGE} grant (RFC 8693) at the authorization server",
+        )
+    return Check(name, PASS, f"{endpoint} supports token exchange")
+
+
+_ASYMMETRIC = (
+    "the authorization server must sign access tokens with an asymmetric algorithm "
+    "(RS256, PS256, ES256, Ed25519, ...)"
+)
+_KEYS_UNREACHABLE = (
+    "the issuer's keys could not be fetched",
+    "check that the authorization server is reachable from this host, then retry",
+)
+
+
+async def _refusal(
+    middleware: DelegationMiddleware, options: Options, kids: set[str | None]
+) -> tuple[str, str]:
+    """Why the middleware refused the token, and how to fix it: the validator's own reason, or
+    the required scopes the validated token lacks (compared as the middleware compares them)."""
+    assert options.token is not None
+    token = options.token.encode("ascii")
+    try:
+        # The middleware's own validator, asked directly: its answer says no more than 401.
+        valid = await middleware._validator.validate(token, sha256(token).digest())
+    except InvalidToken as exc:
+        return _invalid(exc.reason, options, kids)
+    except Unavailable:
+        return _KEYS_UNREACHABLE
+    missing = " ".join(s for s in options.scopes if s not in valid.scopes)
+    return (
+        f"lacks scope {missing} (it has: {' '.join(sorted(valid.scopes)) or 'none'})",
+        f"the client must request scope {missing} when the user signs in, and the "
+        "authorization server must grant it; or drop it from --scope",
+    )
+
+
+def _invalid(reason: str, options: Options, kids: set[str | None]) -> tuple[str, str]:
+    """The validator's ``reason`` (an ``InvalidToken.reason``) told for people, quoting the
+    token's unverified header and claims for context, and how to fix it."""
+    assert options.token is not None
+    decoded = unverified(options.token.encode("ascii"))
+    if reason == "malformed":
+        return _malformed(options.token, decoded)
+    # Past "malformed", the validator has decoded the header (and, for claim reasons, the claims).
+    header, claims = decoded or (None, None)
+    header, claims = header or {}, claims or {}
+    issuer, resource, now = options.issuer, options.resource, _clock.now()
+    fresh = f"get a fresh token from {issuer} (sign in again)"
+    if reason == "too_large":
+        return (
+            f"too large ({len(options.token)} bytes, over the middleware's max_token_bytes)",
+            "have the authorization server issue smaller tokens, or raise max_token_bytes",
+        )
+    if reason == "algorithm":
+        return (
+            f"signed with alg {_show(header.get('alg'), 30)}, which is not accepted",
+            _ASYMMETRIC,
+        )
+    if reason == "header":
+        refused = ", ".join(sorted(REFUSED_HEADERS & header.keys()))
+        return (f"its header carries {refused}, which are refused", fresh)
+    if reason == "type":
+        return (f"typ is {_show(header.get('typ'), 40)}, not an access token type", fresh)
+    if reason == "unknown_key":
+        return _unknown_key(header, kids, fresh)
+    if reason == "expired":
+        return (
+            f"expired {_duration(now - claims['exp'])} ago",
+            f"{fresh}; if it was just issued, check this host's clock",
+        )
+    if reason == "not_yet_valid":
+        # Whichever of nbf and iat is later is the one at fault.
+        late, name = max(((claims[n], n) for n in ("nbf", "iat") if n in claims), default=(now, ""))
+        return (
+            f"{name} is {_duration(late - now)} in the future",
+            "check the clocks of this host and the authorization server",
+        )
+    if reason == "wrong_issuer":
+        return (
+            f"iss is {_show(claims.get('iss'))}, expected {_show(issuer)}",
+            f"get a token from {issuer}, or if {_show(claims.get('iss'))} is the right issuer, "
+            "use it as --issuer and issuer=",
+        )
+    if reason == "wrong_audience":
+        aud = claims.get("aud")
+        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        slash = any(isinstance(a, str) and a.rstrip("/") == resource.rstrip("/") for a in auds)
+        return (
+            f"aud is {_show(aud)}, expected {_show(resource)}"
+            + (" (trailing slash mismatch)" if slash else ""),
+            f"the client must request its token for resource={resource} (RFC 8707), and that "
+            "exact Resource Identifier must be registered at the authorization server; or "
+            "pass the identifier the tokens carry as --resource",
+        )
+    return (  # bad_signature
+        "the signature does not verify with the issuer's published keys",
+        f"get a fresh token from {issuer}; a token from another environment, or altered, "
+        "does not verify",
+    )
+
+
+def _malformed(
+    token: str, decoded: tuple[Mapping[str, Any] | None, Mapping[str, Any] | None] | None
+) -> tuple[str, str]:
+    parts = token.split(".")
+    if len(parts) != 3:
+        return (
+            f"not a JWT (a signed JWT has 3 dot-separated parts, this has {len(parts)})",
+            "the middleware validates JWT access tokens: give the token a client sends, and "
+            "have the authorization server issue JWTs for this resource",
+        )
+    if decoded is None and not parts[2] and all(parts[:2]):
+        return ("unsigned: its signature part is empty", _ASYMMETRIC)
+    if decoded is None:
+        return (
+            "not a JWT: its parts are not all base64url (an empty part, padding, other characters)",
+            "get a fresh token",
+        )
+    header, claims = decoded
+    if header is None or claims is None:
+        return ("not a JWT: its header or claims are not base64url JSON", "get a fresh token")
+    shown = [f"kid {_show(header['kid'], 40)}"] if "kid" in header else []
+    for name in ("exp", "nbf", "iat", "sub", "aud", "scope", "scp"):
+        if name in claims:
+            shown.append(f"{name} {_show(claims[name], 40)}")
+        elif name in ("exp", "sub"):
+            shown.append(f"no {name}")
+    return (
+        "a claim or header member is missing or of the wrong type: " + ", ".join(shown),
+        "the authorization server must set exp (a number; nbf and iat too, if set), sub (a "
+        "non-empty string), aud and scope (strings or lists of strings), kid (a string)",
+    )
+
+
+def _unknown_key(header: Mapping[str, Any], kids: set[str | None], fresh: str) -> tuple[str, str]:
+    kid, alg = header.get("kid"), _show(header.get("alg"), 30)
+    if kid is None:
+        return (
+            f"it names no key (no kid), and the issuer's JWKS has no single key for alg {alg}",
+            "the authorization server must put the signing key's kid in the token header",
+        )
+    if kid not in kids:
+        return (
+            f"signed with key {_show(kid, 60)}, which the issuer's JWKS does not publish",
+            f"{fresh}; the token may come from another environment, or a key was retired",
+        )
+    return (
+        f"signed with key {_show(kid, 60)} and alg {alg}, which that key does not fit",
+        "the authorization server must sign with an alg that fits the key (its kty, crv, alg)",
+    )
+
+
+async def _call(middleware: DelegationMiddleware, resource: str, token: str) -> Message:
+    """One GET to ``resource`` through the middleware; the answer's start message + body."""
+    parts = urlsplit(resource)
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": parts.scheme,
+        "path": parts.path or "/",
+        "raw_path": (parts.path or "/").encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", parts.netloc.encode()),
+            (b"authorization", b"Bearer " + token.encode("ascii")),
+        ],
+        "client": None,
+        "server": None,
+    }
+    answer: Message = {"status": 0, "headers": [], "body": b""}
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+            answer["headers"] = message.get("headers", [])
+        elif message["type"] == "http.response.body":
+            answer["body"] += message.get("body", b"")
+
+    await middleware(scope, receive, send)
+    return answer
+
+
+def _validity(ctx: AccessContext, options: Options) -> str:
+    exp = ctx.claims.get("exp")
+    left = f", expires in {_duration(exp - _clock.now())}" if isinstance(exp, int | float) else ""
+    scopes = " ".join(sorted(ctx.scopes)) or "none"
+    detail = f"valid for {options.resource}: sub {_show(ctx.subject, 60)}, scopes {scopes}{left}"
+    if options.scopes:
+        detail += f"; has the required scope {' '.join(options.scopes)}"
+    return detail
+
+
+class _Capture:
+    """The application behind the middleware: keeps the access context it is handed."""
+
+    def __init__(self) -> None:
+        self.context: AccessContext | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.context = scope["state"]["access_context"]
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _user_token(
+    middleware: DelegationMiddleware, app: _Capture, options: Options, kids: set[str | None]
+) -> Check:
+    name, token = "user token", options.token
+    assert token is not None
+    answer = await _call(middleware, options.resource, token)
+    if app.context is not None:
+        return Check(name, PASS, _validity(app.context, options))
+    try:
+        body = parse_json_object(answer["body"])
+    except ValueError:
+        body = {}
+    said = f"{answer['status']} {body.get('error', '')}".strip()
+    if answer["status"] == 503:
+        problem = _KEYS_UNREACHABLE
+    else:
+        problem = await _refusal(middleware, options, kids)
+    return Check(name, FAIL, f"refused ({said}): {problem[0]}", problem[1])
+
+
+async def _exchange(ctx: AccessContext, resource: str, scope: str | None) -> Grant | ExchangeError:
+    try:
+        return await ctx.exchange(resource, scope=scope)
+    except ExchangeError as exc:
+        return exc
+
+
+def _cause(error: ExchangeError) -> str:
+    cause, _ = explain(error)
+    said = error.error + (f": {error.error_description}" if error.error_description else "")
+    return f"{cause} ({said})"
+
+
+def _client_check(options: Options, first: str, result: Grant | ExchangeError) -> Check:
+    name, client = "client credentials", _show(options.client_id)
+    if isinstance(result, Grant):
+        return Check(name, PASS, f"client {client} accepted by the token endpoint")
+    if result.error in _CLIENT_PROBLEMS or isinstance(result, ExchangeUnavailable):
+        return Check(name, FAIL, f"client {client}: {_cause(result)}", explain(result)[1])
+    return Check(
+        name,
+        PASS,
+        f"client {client} accepted (the exchange for {first} failed otherwise: see below)",
+    )
+
+
+def _upstream_check(resource: str, scope: str | None, result: Grant | ExchangeError) -> Check:
+    name = f"upstream {resource}"
+    if isinstance(result, ExchangeError):
+        asked = f"; requested scope {scope}" if scope else ""
+        return Check(name, FAIL, _cause(result) + asked, explain(result)[1])
+    granted = f"scope {result.scope}" if result.scope else "no scope stated"
+    if result.expires_at is None:
+        life = "lifetime not stated"
+    else:
+        life = f"expires in {_duration(max(result.expires_at - _clock.now(), 0))}"
+    kind = "" if result.token_type == "Bearer" else f" ({result.token_type} token)"
+    return Check(name, PASS, f"granted: {granted}, {life}{kind}")
+
+
+def _client_configuration(options: Options) -> Check | None:
+    """A check result when the client is not usable as configured; None when it is."""
+    name = "client credentials"
+    if options.client_id and not options.client_secret:
+        return Check(
+            name,
+            FAIL,
+            f"client {_show(options.client_id)} has no secret",
+            "set KEYCARD_CLIENT_SECRET (or --client-secret) to the Application's client secret",
+        )
+    if options.client_secret and not options.client_id:
+        return Check(
+            name,
+            FAIL,
+            "a client secret but no client id",
+            "set KEYCARD_CLIENT_ID (or --client-id) to the Application's client id",
+        )
+    if not options.client_id:
+        return Check(name, SKIP, "no client id (--client-id or KEYCARD_CLIENT_ID)")
+    return None
+
+
+async def diagnose(options: Options) -> list[Check]:
+    checks = [
+        _url_check(
+            "resource URL",
+            options.resource,
+            "--resource",
+            "use the https:// URL clients reach this server at (http:// only on localhost, "
+            "127.0.0.1 or ::1), without #fragment, registered as the Resource Identifier",
+        ),
+        _url_check(
+            "issuer URL",
+            options.issuer,
+            "--issuer",
+            "use your authorization server's issuer, an https:// URL (http:// only on "
+            "loopback hosts) without query or fragment",
+        ),
+    ]
+    resource_ok, issuer_ok = (c.status == PASS for c in checks)
+    async with httpx.AsyncClient(
+        follow_redirects=False, timeout=httpx.Timeout(options.timeout)
+    ) as client:
+        metadata = kids = None
+        if issuer_ok:
+            discovered, metadata = await _discovery(client, options.issuer, options.timeout)
+            checks.append(discovered)
+        else:
+            checks.append(Check("discovery", SKIP, "the issuer URL is unusable"))
+        if metadata is not None:
+            jwks, kids = await _jwks(client, metadata, options.timeout)
+            checks += [jwks, _token_endpoint(metadata)]
+        else:
+            checks += [
+                Check("JWKS", SKIP, "discovery failed"),
+                Check("token endpoint", SKIP, "discovery failed"),
+            ]
+        exchange_ready = metadata is not None and checks[-1].status == PASS  # token endpoint
+        checks += await _delegation(client, options, resource_ok, kids, exchange_ready)
+    return checks
+
+
+async def _delegation(
+    client: httpx.AsyncClient,
+    options: Options,
+    resource_ok: bool,
+    kids: set[str | None] | None,
+    exchange_ready: bool,
+) -> list[Check]:
+    """The user token, client credentials and upstream checks."""
+    checks: list[Check] = []
+    ctx = None
+    configured = _client_configuration(options)
+    usable_client = configured is None
+    middleware = None
+    if options.token_problem is not None:
+        checks.append(
+            Check(
+                "user token",
+                FAIL,
+                options.token_problem,
+                f"give a user's access token with --token-file PATH or ${TOKEN_ENV}",
+            )
+        )
+    elif options.token is None:
+        checks.append(
+            Check("user token", SKIP, f"no token (--token, --token-file or ${TOKEN_ENV})")
+        )
+    elif not resource_ok:
+        checks.append(Check("user token", SKIP, "the resource URL is unusable"))
+    elif kids is None:
+        checks.append(Check("user token", SKIP, "the issuer's keys are not usable"))
+    else:
+        app = _Capture()
+        try:
+            middleware = DelegationMiddleware(
+                app,
+                issuer=options.issuer,
+                resource=options.resource,
+                required_scopes=options.scopes,
+                http_client=client,
+                http_timeout=options.timeout,
+                exchange_timeout=options.timeout,
+                # Explicit, so the environment is not consulted again. Without a usable client
+                # no exchange is attempted, and a placeholder keeps the middleware constructible.
+                client_id=options.client_id if usable_client else "asgi-delegation-doctor",
+                client_secret=options.client_secret if usable_client else "unused",
+            )
+        except ConfigurationError as exc:
+            checks.append(Check("user token", FAIL, str(exc), "see the message"))
+        else:
+            checks.append(await _user_token(middleware, app, options, kids))
+            ctx = app.context
+    try:
+        checks += await _exchanges(options, ctx, configured, exchange_ready)
+    finally:
+        if middleware is not None:
+            await middleware.aclose()
+    return checks
+
+
+async def _exchanges(
+    options: Options, ctx: AccessContext | None, configured: Check | None, exchange_ready: bool
+) -> list[Check]:
+    checks: list[Check] = []
+    if configured is not None:
+        checks.append(configured)
+        why = "no usable client credentials"
+    elif not options.upstreams:
+        checks.append(Check("client credentials", SKIP, "no --upstream to exchange for"))
+        why = ""
+    elif not exchange_ready:
+        why = "the token endpoint check did not pass"
+        checks.append(Check("client credentials", SKIP, why))
+    elif ctx is None:
+        why = "no valid user token to exchange"
+        checks.append(Check("client credentials", SKIP, why))
+    else:
+        (first, first_scope), *others = options.upstreams
+        results = {(first, first_scope): await _exchange(ctx, first, first_scope)}
+        client_check = _client_check(options, first, results[(first, first_scope)])
+        checks.append(client_check)
+        if client_check.status == FAIL:
+            why = "the client credentials check failed"
+        else:
+
+            async def one(resource: str, scope: str | None) -> None:
+                results[(resource, scope)] = await _exchange(ctx, resource, scope)
+
+            async with anyio.create_task_group() as tasks:
+                for resource, scope in others:
+                    tasks.start_soon(one, resource, scope)
+            return checks + [_upstream_check(r, s, results[(r, s)]) for r, s in options.upstreams]
+    return checks + [Check(f"upstream {r}", SKIP, why) for r, _ in options.upstreams]
