@@ -139,7 +139,36 @@ class DelegationMiddleware:
         )
         self._public_exact, self._public_prefixes = self._public_paths(public_paths)
         timeout = _bounded(http_timeout, "http_timeout", 0.1, 120)
+        accepted = _algorithms(algorithms)
+        if jwks_uri is not None:
+            jwks_uri = secure_url(jwks_uri, "jwks_uri")
+        if token_endpoint is not None:
+            token_endpoint = secure_url(token_endpoint, "token_endpoint")
+        if exchange_target not in TARGETS:
+            raise ConfigurationError(f"exchange_target must be one of {', '.join(TARGETS)}")
+        if isinstance(allowed_resources, str):
+            raise ConfigurationError("allowed_resources must be a list of resources, not a string")
+        if policy is not None and not callable(policy):
+            raise ConfigurationError("policy must be a callable")
         cooldown = _bounded(jwks_refetch_cooldown, "jwks_refetch_cooldown", 0, 86400)
+        leeway = _bounded(leeway, "leeway", 0, 300)
+        max_token_bytes = int(_bounded(max_token_bytes, "max_token_bytes", 256, 1024 * 1024))
+        token_cache_size = int(_bounded(token_cache_size, "token_cache_size", 1, 10_000_000))
+        grant_cache_size = int(_bounded(grant_cache_size, "grant_cache_size", 1, 10_000_000))
+        refresh_margin = _bounded(refresh_margin, "refresh_margin", 0, 3600)
+        exchange_timeout = _bounded(exchange_timeout, "exchange_timeout", 0.1, 120)
+        max_concurrent_exchanges = int(
+            _bounded(max_concurrent_exchanges, "max_concurrent_exchanges", 1, 10_000)
+        )
+        exchange_attempts = int(_bounded(exchange_attempts, "exchange_attempts", 1, 10))
+        credentials = client_auth_from(
+            client_id=client_id,
+            client_secret=client_secret,
+            client_auth=client_auth,
+            private_key=private_key,
+            client_assertion_file=client_assertion_file,
+        )
+        # Every argument is checked by now: nothing below can fail and leave a client open.
         self._owns_client = http_client is None
         self._client = http_client or httpx.AsyncClient(
             follow_redirects=False,
@@ -147,11 +176,10 @@ class DelegationMiddleware:
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
         )
         discovery = Discovery(issuer, self._client, deadline=timeout)
-        accepted = _algorithms(algorithms)
         jwks = JWKS(
             discovery,
             self._client,
-            jwks_uri=None if jwks_uri is None else secure_url(jwks_uri, "jwks_uri"),
+            jwks_uri=jwks_uri,
             algorithms=accepted,
             deadline=timeout,
             cooldown=cooldown,
@@ -161,41 +189,25 @@ class DelegationMiddleware:
             issuer=issuer,
             audiences=audiences,
             algorithms=accepted,
-            leeway=_bounded(leeway, "leeway", 0, 300),
-            max_bytes=int(_bounded(max_token_bytes, "max_token_bytes", 256, 1024 * 1024)),
+            leeway=leeway,
+            max_bytes=max_token_bytes,
             require_at_jwt=require_at_jwt,
-            cache_size=int(_bounded(token_cache_size, "token_cache_size", 1, 10_000_000)),
+            cache_size=token_cache_size,
         )
-        if exchange_target not in TARGETS:
-            raise ConfigurationError(f"exchange_target must be one of {', '.join(TARGETS)}")
-        if isinstance(allowed_resources, str):
-            raise ConfigurationError("allowed_resources must be a list of resources, not a string")
-        if policy is not None and not callable(policy):
-            raise ConfigurationError("policy must be a callable")
         self._exchanger = Exchanger(
             discovery,
             self._client,
-            client_auth=client_auth_from(
-                client_id=client_id,
-                client_secret=client_secret,
-                client_auth=client_auth,
-                private_key=private_key,
-                client_assertion_file=client_assertion_file,
-            ),
-            token_endpoint=None
-            if token_endpoint is None
-            else secure_url(token_endpoint, "token_endpoint"),
+            client_auth=credentials,
+            token_endpoint=token_endpoint,
             target=exchange_target,
             requested_token_type=requested_token_type,
             allowed_resources=None if allowed_resources is None else frozenset(allowed_resources),
             policy=policy,
-            cache_size=int(_bounded(grant_cache_size, "grant_cache_size", 1, 10_000_000)),
-            refresh_margin=_bounded(refresh_margin, "refresh_margin", 0, 3600),
-            deadline=_bounded(exchange_timeout, "exchange_timeout", 0.1, 120),
-            max_concurrency=int(
-                _bounded(max_concurrent_exchanges, "max_concurrent_exchanges", 1, 10_000)
-            ),
-            attempts=int(_bounded(exchange_attempts, "exchange_attempts", 1, 10)),
+            cache_size=grant_cache_size,
+            refresh_margin=refresh_margin,
+            deadline=exchange_timeout,
+            max_concurrency=max_concurrent_exchanges,
+            attempts=exchange_attempts,
         )
         self._metadata = ResourceMetadata(resource, issuer, supported)
         self._answers = Answers(self._metadata.url, sorted(self._required))
