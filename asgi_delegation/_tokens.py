@@ -51,11 +51,13 @@ REASONS = (
 
 
 class InvalidToken(Exception):
-    """The token is rejected. ``reason`` is a short category, safe to log; never the token."""
+    """The token is rejected. ``reason`` is a short category, safe to log; never the token.
+    ``member`` names the claim or header member at fault, when one is."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: str, member: str | None = None) -> None:
+        super().__init__(reason if member is None else f"{reason}: {member}")
         self.reason = reason
+        self.member = member
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +114,14 @@ def _numeric_date(claims: Mapping[str, Any], name: str, *, required: bool) -> fl
     value = claims.get(name, _ABSENT)
     if value is _ABSENT:
         if required:
-            raise InvalidToken("malformed")
+            raise InvalidToken("malformed", name)
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidToken("malformed")
+        raise InvalidToken("malformed", name)
     if isinstance(value, int) and abs(value) >= 2**53:  # beyond float precision, or overflow
-        raise InvalidToken("malformed")
+        raise InvalidToken("malformed", name)
     if not math.isfinite(value):
-        raise InvalidToken("malformed")
+        raise InvalidToken("malformed", name)
     return float(value)
 
 
@@ -134,7 +136,7 @@ def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
             scopes.update(value)
         else:
-            raise InvalidToken("malformed")
+            raise InvalidToken("malformed", name)
     return frozenset(scopes)
 
 
@@ -202,7 +204,7 @@ class TokenValidator:
         if kid is _ABSENT:
             kid = None
         elif not isinstance(kid, str):
-            raise InvalidToken("malformed")
+            raise InvalidToken("malformed", "kid")
         # Claims are judged before the signature: they cost less to check than a signature.
         claims = _parse_segment(payload_segment)
         subject, scopes, usable_until = self._check_claims(claims)
@@ -243,7 +245,7 @@ class TokenValidator:
             raise InvalidToken("wrong_audience")
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject or len(subject) > _MAX_SUBJECT:
-            raise InvalidToken("malformed")
+            raise InvalidToken("malformed", "sub")
         return subject, _scopes(claims), exp + leeway
 
 
@@ -254,4 +256,4 @@ def _audiences(aud: object) -> Iterable[str]:
         return aud
     if aud is None:
         return ()
-    raise InvalidToken("malformed")
+    raise InvalidToken("malformed", "aud")

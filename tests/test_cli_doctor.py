@@ -221,6 +221,29 @@ def test_expired_token(
     assert "fresh token" in (user.fix or "")
 
 
+@pytest.mark.parametrize(
+    ("mint_options", "detail"),
+    [
+        ({"omit": ["exp"]}, "the claim exp is unusable: it is missing"),
+        ({"claims": {"exp": "tomorrow"}}, "the claim exp is unusable: it is 'tomorrow'"),
+        ({"claims": {"sub": 7}}, "the claim sub is unusable: it is 7"),
+        ({"header": {"kid": 5}}, "the header member kid is unusable: it is 5"),
+    ],
+)
+def test_malformed_token_names_the_member(
+    capsys: pytest.CaptureFixture[str],
+    auth: LocalAuthorizationServer,
+    issuer: str,
+    mint_options: dict[str, Any],
+    detail: str,
+) -> None:
+    token = auth.mint("alice", audience=RESOURCE, **mint_options)
+    code, out = doctor(capsys, *base_args(issuer, token), hidden=(token,))
+    user = checklist(out)["user token"]
+    assert code == 1
+    assert user.detail == f"refused (401 invalid_token): {detail}"
+
+
 def test_token_lacking_a_required_scope(
     capsys: pytest.CaptureFixture[str], issuer: str, token: str
 ) -> None:

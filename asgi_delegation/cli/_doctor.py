@@ -451,7 +451,7 @@ async def _refusal(
         # The middleware's own validator, asked directly: its answer says no more than 401.
         valid = await middleware._validator.validate(token, sha256(token).digest())
     except InvalidToken as exc:
-        return _invalid(exc.reason, options, kids)
+        return _invalid(exc, options, kids)
     except Unavailable:
         return _KEYS_UNREACHABLE
     missing = " ".join(s for s in options.scopes if s not in valid.scopes)
@@ -462,13 +462,14 @@ async def _refusal(
     )
 
 
-def _invalid(reason: str, options: Options, kids: set[str | None]) -> tuple[str, str]:
-    """The validator's ``reason`` (an ``InvalidToken.reason``) told for people, quoting the
-    token's unverified header and claims for context, and how to fix it."""
+def _invalid(error: InvalidToken, options: Options, kids: set[str | None]) -> tuple[str, str]:
+    """The validator's verdict told for people, quoting the token's unverified header and
+    claims for context, and how to fix it."""
     assert options.token is not None
+    reason = error.reason
     decoded = unverified(options.token.encode("ascii"))
     if reason == "malformed":
-        return _malformed(options.token, decoded)
+        return _malformed(options.token, decoded, error.member)
     # Past "malformed", the validator has decoded the header (and, for claim reasons, the claims).
     header, claims = decoded or (None, None)
     header, claims = header or {}, claims or {}
@@ -527,8 +528,16 @@ def _invalid(reason: str, options: Options, kids: set[str | None]) -> tuple[str,
     )
 
 
+_MEMBER_RULES = (
+    "the authorization server must set exp (a number; nbf and iat too, if set), sub (a "
+    "non-empty string), aud and scope (strings or lists of strings), kid (a string)"
+)
+
+
 def _malformed(
-    token: str, decoded: tuple[Mapping[str, Any] | None, Mapping[str, Any] | None] | None
+    token: str,
+    decoded: tuple[Mapping[str, Any] | None, Mapping[str, Any] | None] | None,
+    member: str | None,
 ) -> tuple[str, str]:
     parts = token.split(".")
     if len(parts) != 3:
@@ -547,6 +556,13 @@ def _malformed(
     header, claims = decoded
     if header is None or claims is None:
         return ("not a JWT: its header or claims are not base64url JSON", "get a fresh token")
+    if member is not None:
+        where = header if member == "kid" else claims
+        found = f"it is {_show(where[member], 40)}" if member in where else "it is missing"
+        return (
+            f"the {'header member' if member == 'kid' else 'claim'} {member} is unusable: " + found,
+            _MEMBER_RULES,
+        )
     shown = [f"kid {_show(header['kid'], 40)}"] if "kid" in header else []
     for name in ("exp", "nbf", "iat", "sub", "aud", "scope", "scp"):
         if name in claims:
@@ -555,8 +571,7 @@ def _malformed(
             shown.append(f"no {name}")
     return (
         "a claim or header member is missing or of the wrong type: " + ", ".join(shown),
-        "the authorization server must set exp (a number; nbf and iat too, if set), sub (a "
-        "non-empty string), aud and scope (strings or lists of strings), kid (a string)",
+        _MEMBER_RULES,
     )
 
 
