@@ -21,47 +21,22 @@ Run from the project root::
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
-import json
-import os
-import platform
-import statistics
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from importlib.metadata import version
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from joserfc import jwk, jwt
 
 from asgi_delegation import DelegationMiddleware
-from asgi_delegation._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_delegation._types import ASGIApp, Receive, Scope, Send
 from asgi_delegation.testing import LocalAuthorizationServer
 
-RESOURCE = "http://127.0.0.1:8000/mcp"
+from . import _common
+from ._common import RESOURCE, discard, gc_paused, headers_for, http_scope, summary, verdict
+
 TARGET_ADDED_US = 5.0
 TARGET_FIRST_SEEN_RATIO = 1.2
-
-# What an MCP client sends with each request, minus the Authorization header added per token.
-_BASE_HEADERS: list[tuple[bytes, bytes]] = [
-    (b"host", b"127.0.0.1:8000"),
-    (b"user-agent", b"python-httpx/0.28.1 mcp-client/1.0"),
-    (b"accept", b"application/json, text/event-stream"),
-    (b"accept-encoding", b"gzip, deflate"),
-    (b"connection", b"keep-alive"),
-    (b"content-type", b"application/json"),
-    (b"content-length", b"87"),
-    (b"mcp-protocol-version", b"2025-06-18"),
-    (b"mcp-session-id", b"4f0c2b9e7d1a4c3b8e6f5a2d1c0b9a87"),
-]
-_REQUEST: Message = {
-    "type": "http.request",
-    "body": b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}',
-    "more_body": False,
-}
 
 
 @dataclass(frozen=True)
@@ -91,51 +66,16 @@ async def bare_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"ok", "more_body": False})
 
 
-async def receive() -> Message:
-    return _REQUEST
+receive = _common.receiver("tools/list")
 
 
-async def discard(message: Message) -> None:
-    pass
-
-
-def headers_for(token: str) -> list[tuple[bytes, bytes]]:
-    authorization = (b"authorization", b"Bearer " + token.encode())
-    return [*_BASE_HEADERS[:6], authorization, *_BASE_HEADERS[6:]]
-
-
-def http_scope(headers: list[tuple[bytes, bytes]]) -> Scope:
-    """A fresh scope per call: the middleware writes ``scope["state"]``."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/mcp",
-        "raw_path": b"/mcp",
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 50123),
-        "server": ("127.0.0.1", 8000),
-        "extensions": {},
-    }
-
-
-def fail(message: str) -> None:
-    print(f"bench_core: ABORTED: {message}", file=sys.stderr)
-    raise SystemExit(1)
+def fail(message: str) -> NoReturn:
+    _common.abort("bench_core", message)
 
 
 async def check_answers_200(app: ASGIApp, token: str, what: str) -> None:
     """One request that must be answered 200 and reach the app authenticated as alice."""
-    statuses: list[int] = []
-
-    async def record(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
+    statuses, record = _common.status_recorder()
     scope = http_scope(headers_for(token))
     await app(scope, receive, record)
     if statuses != [200]:
@@ -156,15 +96,11 @@ def check_authenticated(scopes: Sequence[Scope], what: str) -> None:
 
 async def time_calls(app: ASGIApp, scopes: Sequence[Scope]) -> float:
     """Per-call mean of awaiting ``app`` once per scope, in µs."""
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         start = time.perf_counter_ns()
         for scope in scopes:
             await app(scope, receive, discard)
         elapsed = time.perf_counter_ns() - start
-    finally:
-        gc.enable()
     return elapsed / len(scopes) / 1000
 
 
@@ -172,25 +108,13 @@ def time_joserfc(
     tokens: Sequence[str], key: jwk.RSAKey, claims_registry: jwt.JWTClaimsRegistry
 ) -> float:
     """Per-token mean of joserfc's decode + claims validation, in µs."""
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         start = time.perf_counter_ns()
         for token in tokens:
             decoded = jwt.decode(token, key, algorithms=["RS256"])
             claims_registry.validate(decoded.claims)
         elapsed = time.perf_counter_ns() - start
-    finally:
-        gc.enable()
     return elapsed / len(tokens) / 1000
-
-
-def summary(samples: Sequence[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(samples),
-        "min": min(samples),
-        "max": max(samples),
-    }
 
 
 # -- the two benchmarks ------------------------------------------------------------------------
@@ -276,43 +200,15 @@ async def first_seen(auth: LocalAuthorizationServer, config: Config) -> dict[str
 # -- report ------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def environment() -> dict[str, str]:
-    return {
-        "python": f"{platform.python_version()} ({platform.python_implementation()}, "
-        f"{platform.python_compiler()})",
-        "joserfc": version("joserfc"),
-        "cryptography": version("cryptography"),
-        "asgi_delegation": version("asgi-delegation"),
-        "machine": f"{platform.platform()}, {platform.machine()}, {cpu_model()}, "
-        f"{os.cpu_count()} CPUs",
-    }
-
-
-def verdict(met: bool) -> str:
-    return "met" if met else "MISSED"
-
-
 def render(env: dict[str, str], config: Config, mode: str, results: dict[str, Any]) -> str:
     warm, first = results["warm"], results["first_seen"]
-    lines = [
+    lines = _common.heading(
         "asgi_delegation core benchmark",
-        *(f"  {name:<16}{value}" for name, value in env.items()),
-        f"  {'mode':<16}{mode}: {config.rounds} interleaved rounds; "
-        f"{config.warm_calls} warm calls and {config.first_seen_tokens} first-seen tokens "
-        "per round",
-        "  figures: per-call µs, median over rounds (min-max of the per-round means)",
-        "",
-    ]
+        env,
+        f"{mode}: {config.rounds} interleaved rounds; {config.warm_calls} warm calls and "
+        f"{config.first_seen_tokens} first-seen tokens per round",
+        "per-call µs, median over rounds (min-max of the per-round means)",
+    )
     row = "  {:<58}{:>9}  {:<17}{}"
 
     def timed(label: str, stats: dict[str, float]) -> str:
@@ -350,36 +246,20 @@ def render(env: dict[str, str], config: Config, mode: str, results: dict[str, An
             "(informational)",
         ),
     ]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+    return _common.joined(lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    return _common.parse_args(
+        argv,
         prog="python -m benchmarks.bench_core",
         description="Warm request overhead and first-seen token validation of "
         "DelegationMiddleware, against a bare ASGI app and against joserfc.",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=positive_int,
-        help=f"interleaved rounds (default {DEFAULT.rounds}; {QUICK.rounds} with --quick)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"smaller batches: {QUICK.warm_calls} warm calls and {QUICK.first_seen_tokens} "
+        rounds_help=f"interleaved rounds (default {DEFAULT.rounds}; {QUICK.rounds} with --quick)",
+        quick_help=f"smaller batches: {QUICK.warm_calls} warm calls and {QUICK.first_seen_tokens} "
         f"first-seen tokens per round (default {DEFAULT.warm_calls} and "
         f"{DEFAULT.first_seen_tokens})",
     )
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    return parser.parse_args(argv)
 
 
 async def run(config: Config) -> dict[str, Any]:
@@ -394,18 +274,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     base = QUICK if args.quick else DEFAULT
     config = Config(args.rounds or base.rounds, base.warm_calls, base.first_seen_tokens)
-    mode = "quick" if args.quick else "default"
-    env = environment()
-    started = time.perf_counter()
-    results = asyncio.run(run(config))
-    seconds = time.perf_counter() - started
-    if args.json:
-        document = {"environment": env, "mode": mode, "config": asdict(config), **results}
-        document["seconds"] = seconds
-        print(json.dumps(document, indent=2))
-    else:
-        print(render(env, config, mode, results))
-        print(f"\n  (ran in {seconds:.1f} s)")
+    env = _common.environment("joserfc", "cryptography")
+    _common.run_and_print(run, render, config, env, quick=args.quick, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -35,18 +35,13 @@ import base64
 import gc
 import hashlib
 import json
-import os
-import platform
-import statistics
 import sys
 import time
 import tracemalloc
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
-from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -54,10 +49,12 @@ from asgi_delegation import AccessContext, DelegationMiddleware, Grant
 from asgi_delegation._exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE
 from asgi_delegation._fetch import HEADERS
 from asgi_delegation._token_response import grant_from
-from asgi_delegation._types import Message, Receive, Scope, Send
+from asgi_delegation._types import Receive, Scope, Send
 from asgi_delegation.testing import LocalAuthorizationServer
 
-RESOURCE = "http://127.0.0.1:8000/mcp"  # this server, the audience of the user's token
+from . import _common
+from ._common import RESOURCE, discard, gc_paused, headers_for, http_scope, summary, verdict
+
 UPSTREAM = "https://api.upstream.example/v1"  # what the grants are for
 CLIENT_ID, CLIENT_SECRET = "app", "s"
 EXCHANGE_PATH, PLAIN_PATH = "/exchange", "/plain"
@@ -71,23 +68,6 @@ BURST_LATENCY = 0.02
 # The issue's cases: keycardai-starlette, with no cache, made 200 token-endpoint calls for 200
 # concurrent identical requests and 10 for 10 sequential ones.
 ISSUE_CONCURRENT, ISSUE_SEQUENTIAL = 200, 10
-
-_BASE_HEADERS: list[tuple[bytes, bytes]] = [
-    (b"host", b"127.0.0.1:8000"),
-    (b"user-agent", b"python-httpx/0.28.1 mcp-client/1.0"),
-    (b"accept", b"application/json, text/event-stream"),
-    (b"accept-encoding", b"gzip, deflate"),
-    (b"connection", b"keep-alive"),
-    (b"content-type", b"application/json"),
-    (b"content-length", b"87"),
-    (b"mcp-protocol-version", b"2025-06-18"),
-    (b"mcp-session-id", b"4f0c2b9e7d1a4c3b8e6f5a2d1c0b9a87"),
-]
-_REQUEST: Message = {
-    "type": "http.request",
-    "body": b'{"jsonrpc":"2.0","id":1,"method":"tools/call"}',
-    "more_body": False,
-}
 
 
 @dataclass(frozen=True)
@@ -126,40 +106,11 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"ok", "more_body": False})
 
 
-async def receive() -> Message:
-    return _REQUEST
-
-
-async def discard(message: Message) -> None:
-    pass
+receive = _common.receiver("tools/call")
 
 
 async def empty() -> None:
     pass
-
-
-def headers_for(token: str) -> list[tuple[bytes, bytes]]:
-    authorization = (b"authorization", b"Bearer " + token.encode())
-    return [*_BASE_HEADERS[:6], authorization, *_BASE_HEADERS[6:]]
-
-
-def http_scope(headers: list[tuple[bytes, bytes]], path: str) -> Scope:
-    """A fresh scope per call: the middleware writes ``scope["state"]``."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 50123),
-        "server": ("127.0.0.1", 8000),
-        "extensions": {},
-    }
 
 
 def authorization_server() -> LocalAuthorizationServer:
@@ -182,20 +133,14 @@ def middleware(
     )
 
 
-def fail(message: str) -> None:
-    print(f"bench_exchange: ABORTED: {message}", file=sys.stderr)
-    raise SystemExit(1)
+def fail(message: str) -> NoReturn:
+    _common.abort("bench_exchange", message)
 
 
 async def capture(wrapped: DelegationMiddleware, token: str) -> AccessContext:
     """The access context of one checked request that exchanges nothing (it warms the
     metadata, the JWKS and the token's validation)."""
-    statuses: list[int] = []
-
-    async def record(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
+    statuses, record = _common.status_recorder()
     scope = http_scope(headers_for(token), PLAIN_PATH)
     await wrapped(scope, receive, record)
     context = scope.get("state", {}).get("access_context")
@@ -214,22 +159,14 @@ def token_calls(auth: LocalAuthorizationServer) -> int:
 
 async def mean_us(awaitables: Iterable[Awaitable[object]]) -> float:
     """Per-call mean of awaiting each of ``awaitables`` in turn, in µs."""
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         n = 0
         start = time.perf_counter_ns()
         for awaitable in awaitables:
             await awaitable
             n += 1
         elapsed = time.perf_counter_ns() - start
-    finally:
-        gc.enable()
     return elapsed / n / 1000
-
-
-def summary(samples: Sequence[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
 def summaries(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -302,20 +239,11 @@ async def concurrent(
     their wall time and the event loop thread's CPU time, in ms."""
     headers = headers_for(token)
     scopes = [http_scope(headers, EXCHANGE_PATH) for _ in range(n)]
-    statuses: list[int] = []
-
-    async def record(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    gc.collect()
-    gc.disable()
-    try:
+    statuses, record = _common.status_recorder()
+    with gc_paused():
         cpu, start = time.thread_time(), time.perf_counter()
         await asyncio.gather(*(wrapped(scope, receive, record) for scope in scopes))
         wall, cpu = time.perf_counter() - start, time.thread_time() - cpu
-    finally:
-        gc.enable()
     if statuses != [200] * n:
         fail(f"burst: {n - statuses.count(200)} of {n} requests were not answered 200")
     if len({id(scope["state"]["grant"]) for scope in scopes}) != 1:
@@ -510,46 +438,18 @@ async def memory(config: Config) -> dict[str, Any]:
 # -- report ------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def environment() -> dict[str, str]:
-    return {
-        "python": f"{platform.python_version()} ({platform.python_implementation()}, "
-        f"{platform.python_compiler()})",
-        "httpx": version("httpx"),
-        "anyio": version("anyio"),
-        "uvicorn": version("uvicorn"),
-        "asgi_delegation": version("asgi-delegation"),
-        "machine": f"{platform.platform()}, {platform.machine()}, {cpu_model()}, "
-        f"{os.cpu_count()} CPUs",
-    }
-
-
-def verdict(met: bool) -> str:
-    return "met" if met else "MISSED"
-
-
 def render(env: dict[str, str], config: Config, mode: str, results: dict[str, Any]) -> str:
     hit, bursts = results["cache_hit"], results["burst"]
     cold, mem = results["cold_exchange"], results["memory"]
     n = config.burst_size
-    lines = [
+    lines = _common.heading(
         "asgi_delegation token exchange benchmark",
-        *(f"  {name:<16}{value}" for name, value in env.items()),
-        f"  {'mode':<16}{mode}: {config.rounds} rounds of {config.hit_calls} hits; "
-        f"{config.bursts} bursts of {n}; {config.rounds} rounds of {config.cold_calls} cold "
-        f"exchanges; {config.grants} cached grants",
-        "  figures: median over rounds (min-max of the per-round values)",
-        "",
-    ]
+        env,
+        f"{mode}: {config.rounds} rounds of {config.hit_calls} hits; {config.bursts} bursts "
+        f"of {n}; {config.rounds} rounds of {config.cold_calls} cold exchanges; "
+        f"{config.grants} cached grants",
+        "median over rounds (min-max of the per-round values)",
+    )
     row = "  {:<58}{:>9}  {:<19}{}"
 
     def timed(label: str, stats: dict[str, float], digits: int = 2) -> str:
@@ -647,36 +547,20 @@ def render(env: dict[str, str], config: Config, mode: str, results: dict[str, An
             "(informational)",
         ),
     ]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+    return _common.joined(lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    return _common.parse_args(
+        argv,
         prog="python -m benchmarks.bench_exchange",
         description="Token exchange through DelegationMiddleware: cache hit cost, a burst of "
         "identical requests, a cold exchange against a bare POST, memory per cached grant.",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=positive_int,
-        help=f"rounds for the hit and cold-exchange figures (default {DEFAULT.rounds}; "
+        rounds_help=f"rounds for the hit and cold-exchange figures (default {DEFAULT.rounds}; "
         f"{QUICK.rounds} with --quick)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"smaller runs: {QUICK.bursts} bursts, {QUICK.grants} cached grants "
+        quick_help=f"smaller runs: {QUICK.bursts} bursts, {QUICK.grants} cached grants "
         f"(default {DEFAULT.bursts} and {DEFAULT.grants})",
     )
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    return parser.parse_args(argv)
 
 
 async def run(config: Config) -> dict[str, Any]:
@@ -698,18 +582,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     base = QUICK if args.quick else DEFAULT
     config = Config(**{**asdict(base), "rounds": args.rounds or base.rounds})
-    mode = "quick" if args.quick else "default"
-    env = environment()
-    started = time.perf_counter()
-    results = asyncio.run(run(config))
-    seconds = time.perf_counter() - started
-    if args.json:
-        document = {"environment": env, "mode": mode, "config": asdict(config), **results}
-        document["seconds"] = seconds
-        print(json.dumps(document, indent=2))
-    else:
-        print(render(env, config, mode, results))
-        print(f"\n  (ran in {seconds:.1f} s)")
+    env = _common.environment("httpx", "anyio", "uvicorn")
+    _common.run_and_print(run, render, config, env, quick=args.quick, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,210 @@
+"""What the benchmark scripts share: the hand-made ASGI request, the garbage collector paused
+while a batch is timed, and the pieces of the report and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+from asgi_delegation._types import Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+RESOURCE = "http://127.0.0.1:8000/mcp"  # this server, the audience of the user's token
+
+# What an MCP client sends with each request, minus the Authorization header added per token.
+_BASE_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"host", b"127.0.0.1:8000"),
+    (b"user-agent", b"python-httpx/0.28.1 mcp-client/1.0"),
+    (b"accept", b"application/json, text/event-stream"),
+    (b"accept-encoding", b"gzip, deflate"),
+    (b"connection", b"keep-alive"),
+    (b"content-type", b"application/json"),
+    (b"content-length", b"87"),
+    (b"mcp-protocol-version", b"2025-06-18"),
+    (b"mcp-session-id", b"4f0c2b9e7d1a4c3b8e6f5a2d1c0b9a87"),
+]
+
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
+
+
+# -- the ASGI pieces ---------------------------------------------------------------------------
+
+
+def receiver(method: str) -> Receive:
+    """A ``receive`` that returns the same ``http.request`` event, a JSON-RPC call of
+    ``method``, every time."""
+    request: Message = {
+        "type": "http.request",
+        "body": b'{"jsonrpc":"2.0","id":1,"method":"' + method.encode() + b'"}',
+        "more_body": False,
+    }
+
+    async def receive() -> Message:
+        return request
+
+    return receive
+
+
+async def discard(message: Message) -> None:
+    pass
+
+
+def status_recorder() -> tuple[list[int], Send]:
+    """A ``send`` that records the status of each response start, and the list it records in."""
+    statuses: list[int] = []
+
+    async def record(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    return statuses, record
+
+
+def headers_for(token: str) -> list[tuple[bytes, bytes]]:
+    authorization = (b"authorization", b"Bearer " + token.encode())
+    return [*_BASE_HEADERS[:6], authorization, *_BASE_HEADERS[6:]]
+
+
+def http_scope(headers: list[tuple[bytes, bytes]], path: str = "/mcp") -> Scope:
+    """A fresh scope per call: the middleware writes ``scope["state"]``."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50123),
+        "server": ("127.0.0.1", 8000),
+        "extensions": {},
+    }
+
+
+def abort(script: str, message: str) -> NoReturn:
+    print(f"{script}: ABORTED: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The garbage collector run, then paused for the block (a timed batch), as ``timeit``
+    does."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def summary(samples: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def environment(*packages: str) -> dict[str, str]:
+    """Python, the versions of ``packages`` and of asgi_delegation, and the machine."""
+    return {
+        "python": f"{platform.python_version()} ({platform.python_implementation()}, "
+        f"{platform.python_compiler()})",
+        **{package: version(package) for package in packages},
+        "asgi_delegation": version("asgi-delegation"),
+        "machine": f"{platform.platform()}, {platform.machine()}, {cpu_model()}, "
+        f"{os.cpu_count()} CPUs",
+    }
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def heading(title: str, env: dict[str, str], mode: str, figures: str) -> list[str]:
+    """The first lines of a report: its title, the environment, the mode and what the figures
+    are, then a blank line."""
+    return [
+        title,
+        *(f"  {name:<16}{value}" for name, value in env.items()),
+        f"  {'mode':<16}{mode}",
+        f"  figures: {figures}",
+        "",
+    ]
+
+
+def joined(lines: Sequence[str]) -> str:
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def parse_args(
+    argv: Sequence[str] | None, *, prog: str, description: str, rounds_help: str, quick_help: str
+) -> argparse.Namespace:
+    """The options both scripts take: ``--rounds N``, ``--quick`` and ``--json``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--rounds", type=positive_int, help=rounds_help)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    return parser.parse_args(argv)
+
+
+def run_and_print(
+    run: Callable[[ConfigT], Coroutine[Any, Any, dict[str, Any]]],
+    render: Callable[[dict[str, str], ConfigT, str, dict[str, Any]], str],
+    config: ConfigT,
+    env: dict[str, str],
+    *,
+    quick: bool,
+    as_json: bool,
+) -> None:
+    """Runs the benchmarks of ``config`` in a new event loop, then prints the figures: as
+    ``render`` has them with the time the run took, or as JSON."""
+    mode = "quick" if quick else "default"
+    started = time.perf_counter()
+    results = asyncio.run(run(config))
+    seconds = time.perf_counter() - started
+    if as_json:
+        document = {"environment": env, "mode": mode, "config": asdict(config), **results}
+        document["seconds"] = seconds
+        print(json.dumps(document, indent=2))
+    else:
+        print(render(env, config, mode, results))
+        print(f"\n  (ran in {seconds:.1f} s)")
