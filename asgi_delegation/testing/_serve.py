@@ -6,11 +6,13 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
 from .._urls import is_loopback_host
+
+Lifespan = Literal["on", "off"]
 
 
 @contextmanager
@@ -31,7 +33,7 @@ def loopback_socket(host: str = "127.0.0.1", port: int = 0) -> Iterator[tuple[so
         yield sock, (f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}")
 
 
-def _started(app: Any, sock: socket.socket) -> tuple[Any, threading.Thread]:
+def _started(app: Any, sock: socket.socket, lifespan: Lifespan) -> tuple[Any, threading.Thread]:
     try:
         import uvicorn  # an optional dependency
     except ImportError:
@@ -39,16 +41,17 @@ def _started(app: Any, sock: socket.socket) -> tuple[Any, threading.Thread]:
             "serving on a loopback port needs uvicorn: pip install 'asgi-delegation[serve]'"
         ) from None
 
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     return server, thread
 
 
 @contextmanager
-def running_on(app: Any, sock: socket.socket) -> Iterator[None]:
-    """Serve ``app`` with uvicorn on ``sock``, on a thread of its own, until the block ends."""
-    server, thread = _started(app, sock)
+def running_on(app: Any, sock: socket.socket, *, lifespan: Lifespan = "off") -> Iterator[None]:
+    """Serve ``app`` with uvicorn on ``sock``, on a thread of its own, until the block ends.
+    ``lifespan="on"`` runs the app's lifespan in that thread's event loop."""
+    server, thread = _started(app, sock, lifespan)
     try:
         yield
     finally:
@@ -57,10 +60,12 @@ def running_on(app: Any, sock: socket.socket) -> Iterator[None]:
 
 
 @asynccontextmanager
-async def serve_on(app: Any, sock: socket.socket) -> AsyncIterator[None]:
+async def serve_on(
+    app: Any, sock: socket.socket, *, lifespan: Lifespan = "off"
+) -> AsyncIterator[None]:
     """The same inside an event loop: the block may begin and end in different tasks (as
     pytest fixtures do), and the loop is not blocked while the server stops."""
-    server, thread = _started(app, sock)
+    server, thread = _started(app, sock, lifespan)
     try:
         yield
     finally:
