@@ -34,13 +34,17 @@ _COMMON_HEADERS: Headers = [
 
 
 class Answer:
-    """A complete HTTP response, plus the WebSocket close reason for the same refusal."""
+    """A complete HTTP response, plus the WebSocket close reason for the same refusal.
+    ``reason`` is the audit category of the refusal (finer than ``error``)."""
 
-    __slots__ = ("body", "error", "headers", "status")
+    __slots__ = ("body", "error", "headers", "reason", "status")
 
-    def __init__(self, status: int, error: str, description: str, headers: Headers) -> None:
+    def __init__(
+        self, status: int, error: str, description: str, headers: Headers, reason: str
+    ) -> None:
         self.status = status
         self.error = error
+        self.reason = reason
         self.body = json.dumps({"error": error, "error_description": description}).encode()
         self.headers = [
             *headers,
@@ -77,7 +81,7 @@ class Answers:
         if self._scope:
             params.append(("scope", self._scope))
         self.missing = Answer(
-            401, "unauthorized", "A bearer token is required", [_challenge(params)]
+            401, "unauthorized", "A bearer token is required", [_challenge(params)], "missing"
         )
         self._invalid_token = {reason: self._build_invalid_token(reason) for reason in REASONS}
         self.insufficient_scope = self._build_insufficient_scope(self._scope)
@@ -90,7 +94,7 @@ class Answers:
         header = _challenge(
             [("error", "invalid_token"), ("error_description", description), self._metadata]
         )
-        return Answer(401, "invalid_token", description, [header])
+        return Answer(401, "invalid_token", description, [header], reason)
 
     def _build_insufficient_scope(self, scope: str) -> Answer:
         description = "The access token lacks a required scope"
@@ -102,12 +106,12 @@ class Answers:
                 self._metadata,
             ]
         )
-        return Answer(403, "insufficient_scope", description, [header])
+        return Answer(403, "insufficient_scope", description, [header], "insufficient_scope")
 
     @staticmethod
     def invalid_request(description: str) -> Answer:
         header = _challenge([("error", "invalid_request"), ("error_description", description)])
-        return Answer(400, "invalid_request", description, [header])
+        return Answer(400, "invalid_request", description, [header], "invalid_request")
 
     @staticmethod
     def unavailable(retry_after: int) -> Answer:
@@ -116,4 +120,5 @@ class Answers:
             "temporarily_unavailable",
             "The authorization server cannot be reached; retry later",
             [(b"retry-after", str(retry_after).encode())],
+            "keys_unavailable",
         )

@@ -6,12 +6,14 @@ Only the configured issuer is ever asked, and the document must name that issuer
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from ._audit import Auditor
 from ._errors import ConfigurationError
 from ._fetch import FetchError, fetch_json, max_age
 from ._refresh import Refreshing
@@ -50,8 +52,11 @@ def _optional_url(document: Mapping[str, Any], name: str) -> str | None:
 
 
 class Discovery:
-    def __init__(self, issuer: str, client: httpx.AsyncClient, *, deadline: float) -> None:
+    def __init__(
+        self, issuer: str, client: httpx.AsyncClient, *, deadline: float, auditor: Auditor
+    ) -> None:
         self._issuer = issuer
+        self._auditor = auditor
         self._client = client
         self._deadline = deadline
         self._urls = discovery_urls(issuer)
@@ -63,6 +68,7 @@ class Discovery:
     async def _load(self) -> tuple[ServerMetadata, float]:
         reasons = []
         for url in self._urls:
+            started = time.perf_counter()
             try:
                 fetched = await fetch_json(
                     self._client, url, deadline=self._deadline, max_bytes=MAX_BYTES
@@ -78,7 +84,9 @@ class Discovery:
                 )
             except FetchError as exc:
                 reasons.append(str(exc))
+                self._auditor.fetched("metadata", url, started, str(exc))
                 continue
+            self._auditor.fetched("metadata", url, started, None)
             ttl = max_age(fetched.cache_control)
             ttl = _DEFAULT_TTL if ttl is None else min(max(ttl, _MIN_TTL), _MAX_TTL)
             return metadata, ttl

@@ -14,6 +14,7 @@ import inspect
 import logging
 import random
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
@@ -23,9 +24,10 @@ import anyio
 import httpx
 
 from . import _clock
+from ._audit import Auditor, ExchangeEvent, client_id_of
 from ._client_auth import ClientAuth
 from ._discovery import Discovery
-from ._errors import ExchangeError, ExchangeNotAllowed, ExchangeUnavailable
+from ._errors import ExchangeDenied, ExchangeError, ExchangeNotAllowed, ExchangeUnavailable
 from ._fetch import HEADERS, read_capped
 from ._grant import Grant
 from ._refresh import Unavailable
@@ -55,6 +57,23 @@ def normalize_scope(scope: str | None) -> str | None:
     if not isinstance(scope, str):
         raise TypeError("scope must be a space-separated string or None")
     return " ".join(sorted(set(scope.split()))) or None
+
+
+class _Trace:
+    """What one exchange's requests to the token endpoint did, for its audit event."""
+
+    __slots__ = ("attempts", "status")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.status: int | None = None
+
+
+_OUTCOMES: dict[type[ExchangeError], str] = {
+    ExchangeDenied: "denied",
+    ExchangeUnavailable: "unavailable",
+    ExchangeNotAllowed: "not_allowed",
+}
 
 
 class _Answer(NamedTuple):
@@ -90,7 +109,9 @@ class Exchanger:
         deadline: float,
         max_concurrency: int,
         attempts: int,
+        auditor: Auditor,
     ) -> None:
+        self._auditor = auditor
         self._discovery = discovery
         self._client = client
         self._client_auth = client_auth
@@ -109,12 +130,17 @@ class Exchanger:
         self._background: set[asyncio.Task[Grant]] = set()
 
     async def exchange(self, context: AccessContext, resource: str, scope: str | None) -> Grant:
-        if self._allowed is not None and resource not in self._allowed:
-            raise ExchangeNotAllowed(
-                resource, "not_allowed", "the resource is not one of the allowed_resources"
-            )
-        if self._policy is not None:
-            await self._ask_policy(context, resource, scope)
+        started = time.perf_counter()
+        try:
+            if self._allowed is not None and resource not in self._allowed:
+                raise ExchangeNotAllowed(
+                    resource, "not_allowed", "the resource is not one of the allowed_resources"
+                )
+            if self._policy is not None:
+                await self._ask_policy(context, resource, scope)
+        except ExchangeError as exc:
+            self._ended(context, resource, scope, started, "miss", _Trace(), exc)
+            raise
         key = (context.token_digest, resource, scope)
         entry = self._cache.get(key)
         if entry is not None:
@@ -124,9 +150,62 @@ class Exchanger:
                 if now >= entry.refresh_at and not entry.refreshing:
                     entry.refreshing = True
                     self._refresh_in_background(key, context, resource, scope)
+                self._auditor.stats.grant_cache["hit"] += 1
+                if self._auditor.wants(logging.DEBUG):
+                    self._ended(context, resource, scope, started, "hit", _Trace(), None)
                 return entry.grant
             del self._cache[key]
-        return await self._flight.run(key, partial(self._obtain, key, context, resource, scope))
+        cache = "joined" if self._flight.in_flight(key) else "miss"
+        trace = _Trace()
+        work = partial(self._obtain, key, context, resource, scope, trace)
+        try:
+            grant = await self._flight.run(key, work)
+        except ExchangeError as exc:
+            self._ended(context, resource, scope, started, cache, trace, exc)
+            raise
+        self._ended(context, resource, scope, started, cache, trace, None)
+        return grant
+
+    def _ended(
+        self,
+        context: AccessContext,
+        resource: str,
+        scope: str | None,
+        started: float,
+        cache: str,
+        trace: _Trace,
+        error: ExchangeError | None,
+    ) -> None:
+        """Count and report one exchange (or background refresh) that is over."""
+        stats = self._auditor.stats
+        outcome = "granted" if error is None else _OUTCOMES[type(error)]
+        if cache != "hit":
+            stats.grant_cache[cache] += 1
+            stats.exchanges[outcome] += 1
+            if error is not None:
+                stats.exchange_errors[error.error] += 1
+        milliseconds = (time.perf_counter() - started) * 1000
+        if cache in ("miss", "refresh"):
+            stats.exchange_latency(milliseconds)
+        level = (
+            logging.DEBUG if cache == "hit" else logging.INFO if error is None else logging.WARNING
+        )
+        if not self._auditor.wants(level):
+            return
+        event = ExchangeEvent(
+            at=_clock.now(),
+            subject=context.subject,
+            client_id=client_id_of(context.claims),
+            resource=resource,
+            scope=scope,
+            outcome=outcome,
+            cache=cache,
+            latency_ms=milliseconds,
+            status=trace.status,
+            error=None if error is None else error.error,
+            attempts=trace.attempts,
+        )
+        self._auditor.emit(level, event, f"exchange for {resource} {outcome} ({cache})")
 
     def forget(
         self, context: AccessContext, resource: str, scope: str | None, grant: Grant
@@ -150,9 +229,14 @@ class Exchanger:
             raise ExchangeNotAllowed(resource, "not_allowed", "the application's policy refused")
 
     async def _obtain(
-        self, key: Hashable, context: AccessContext, resource: str, scope: str | None
+        self,
+        key: Hashable,
+        context: AccessContext,
+        resource: str,
+        scope: str | None,
+        trace: _Trace,
     ) -> Grant:
-        grant, seconds = await self._request(context.subject_token, resource, scope)
+        grant, seconds = await self._request(context.subject_token, resource, scope, trace)
         lifetime = UNKNOWN_LIFETIME if seconds is None else seconds
         if lifetime > _EXPIRY_SKEW:
             now = _clock.monotonic()
@@ -166,16 +250,33 @@ class Exchanger:
     def _refresh_in_background(
         self, key: Hashable, context: AccessContext, resource: str, scope: str | None
     ) -> None:
-        task = self._flight.start(key, partial(self._obtain, key, context, resource, scope))
+        trace = _Trace()
+        work = partial(self._obtain, key, context, resource, scope, trace)
+        task = self._flight.start(key, work)
         if task not in self._background:
             self._background.add(task)
-            task.add_done_callback(partial(self._refreshed, resource))
+            started = time.perf_counter()
+            task.add_done_callback(
+                partial(self._refreshed, context, resource, scope, started, trace)
+            )
 
-    def _refreshed(self, resource: str, task: asyncio.Task[Grant]) -> None:
+    def _refreshed(
+        self,
+        context: AccessContext,
+        resource: str,
+        scope: str | None,
+        started: float,
+        trace: _Trace,
+        task: asyncio.Task[Grant],
+    ) -> None:
         self._background.discard(task)
-        error = None if task.cancelled() else task.exception()
-        if error is not None:
-            logger.warning("refreshing a grant for %s ahead of expiry failed: %s", resource, error)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and not isinstance(error, ExchangeError):
+            logger.warning("refreshing a grant for %s ahead of expiry failed: %r", resource, error)
+            return
+        self._ended(context, resource, scope, started, "refresh", trace, error)
 
     async def _endpoint(self, resource: str) -> str:
         if self._token_endpoint is not None:
@@ -212,7 +313,7 @@ class Exchanger:
         return form
 
     async def _request(
-        self, subject_token: str, resource: str, scope: str | None
+        self, subject_token: str, resource: str, scope: str | None, trace: _Trace
     ) -> tuple[Grant, float | None]:
         if not TARGET.fullmatch(resource):
             raise ExchangeNotAllowed(resource[:100], "invalid_target", "not a resource identifier")
@@ -222,9 +323,7 @@ class Exchanger:
             )
         endpoint = await self._endpoint(resource)
         give_up_at = anyio.current_time() + self._deadline
-        attempt = 0
         while True:
-            attempt += 1
             # Credentials per attempt: an assertion's jti must not be replayed by a retry.
             form = self._form(subject_token, resource, scope)
             headers = dict(HEADERS)
@@ -233,20 +332,25 @@ class Exchanger:
             except OSError as exc:
                 raise ExchangeUnavailable(resource, "temporarily_unavailable", str(exc)) from None
             answer = await self._post(endpoint, form, headers, resource, give_up_at)
+            trace.attempts += 1
             error: ExchangeError
             if isinstance(answer, ExchangeUnavailable):
+                self._auditor.stats.token_endpoint["network"] += 1
                 error = answer
-            elif answer.status == 200:
-                return grant_from(resource, scope, answer.body)
             else:
+                trace.status = answer.status
+                self._auditor.stats.token_endpoint[str(answer.status)] += 1
+                if answer.status == 200:
+                    return grant_from(resource, scope, answer.body)
                 secrets = (subject_token, *self._client_auth.secrets())
                 error = error_from(resource, answer.status, answer.body, answer.headers, secrets)
                 if error.error != "temporarily_unavailable":  # only 5xx and 429 are retried
                     raise error
-            delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (attempt - 1)))  # noqa: S311
+            backoff = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (trace.attempts - 1))
+            delay = random.uniform(0, backoff)  # noqa: S311 - jitter, not a secret
             if error.retry_after is not None:
                 delay = max(delay, min(error.retry_after, _RETRY_AFTER_CAP))
-            if attempt >= self._attempts or anyio.current_time() + delay >= give_up_at:
+            if trace.attempts >= self._attempts or anyio.current_time() + delay >= give_up_at:
                 raise error
             await anyio.sleep(delay)
 

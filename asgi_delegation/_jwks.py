@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from cachetools import TTLCache
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from . import _clock
+from ._audit import Auditor
 from ._discovery import Discovery
 from ._fetch import FetchError, fetch_json, max_age
 from ._refresh import Refreshing
@@ -167,8 +169,10 @@ class JWKS:
         algorithms: frozenset[str],
         deadline: float,
         cooldown: float,
+        auditor: Auditor,
     ) -> None:
         self._discovery = discovery
+        self._auditor = auditor
         self._client = client
         self._jwks_uri = jwks_uri
         self._algorithms = algorithms
@@ -205,7 +209,15 @@ class JWKS:
             uri = (await self._discovery.get()).jwks_uri
             if uri is None:
                 raise FetchError("the authorization server metadata has no jwks_uri")
-        fetched = await fetch_json(self._client, uri, deadline=self._deadline, max_bytes=MAX_BYTES)
+        started = time.perf_counter()
+        try:
+            fetched = await fetch_json(
+                self._client, uri, deadline=self._deadline, max_bytes=MAX_BYTES
+            )
+        except FetchError as exc:
+            self._auditor.fetched("jwks", uri, started, str(exc))
+            raise
+        self._auditor.fetched("jwks", uri, started, None)
         entries = fetched.document.get("keys")
         if not isinstance(entries, list):
             raise FetchError(f"GET {uri} answered a document without a 'keys' list")

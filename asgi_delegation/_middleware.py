@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -13,7 +14,9 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from . import _clock
 from ._answers import Answer, Answers
+from ._audit import AuditCallback, Auditor, AuthenticationEvent, client_id_of
 from ._client_auth import client_auth_from
 from ._context import AccessContext
 from ._discovery import Discovery
@@ -22,7 +25,7 @@ from ._exchange import TARGETS, Exchanger, Policy
 from ._jwks import ALGORITHM_KEYS, JWKS
 from ._metadata import ResourceMetadata
 from ._refresh import Unavailable
-from ._tokens import InvalidToken, TokenValidator
+from ._tokens import InvalidToken, TokenValidator, ValidToken
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from ._urls import secure_url
 
@@ -119,6 +122,7 @@ class DelegationMiddleware:
         exchange_timeout: float = 10.0,
         max_concurrent_exchanges: int = 32,
         exchange_attempts: int = 3,
+        on_audit: AuditCallback | None = None,
     ) -> None:
         self.app = app
         issuer = secure_url(issuer, "issuer")
@@ -150,6 +154,8 @@ class DelegationMiddleware:
             raise ConfigurationError("allowed_resources must be a list of resources, not a string")
         if policy is not None and not callable(policy):
             raise ConfigurationError("policy must be a callable")
+        if on_audit is not None and not callable(on_audit):
+            raise ConfigurationError("on_audit must be a callable")
         cooldown = _bounded(jwks_refetch_cooldown, "jwks_refetch_cooldown", 0, 86400)
         leeway = _bounded(leeway, "leeway", 0, 300)
         max_token_bytes = int(_bounded(max_token_bytes, "max_token_bytes", 256, 1024 * 1024))
@@ -175,7 +181,8 @@ class DelegationMiddleware:
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
         )
-        discovery = Discovery(issuer, self._client, deadline=timeout)
+        self._auditor = auditor = Auditor(on_audit)
+        discovery = Discovery(issuer, self._client, deadline=timeout, auditor=auditor)
         jwks = JWKS(
             discovery,
             self._client,
@@ -183,6 +190,7 @@ class DelegationMiddleware:
             algorithms=accepted,
             deadline=timeout,
             cooldown=cooldown,
+            auditor=auditor,
         )
         self._validator = TokenValidator(
             jwks,
@@ -208,6 +216,7 @@ class DelegationMiddleware:
             deadline=exchange_timeout,
             max_concurrency=max_concurrent_exchanges,
             attempts=exchange_attempts,
+            auditor=auditor,
         )
         self._metadata = ResourceMetadata(resource, issuer, supported)
         self._answers = Answers(self._metadata.url, sorted(self._required))
@@ -274,35 +283,89 @@ class DelegationMiddleware:
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if header is not None:
-                    return _TWO_HEADERS
+                    return self._refused(scope, _TWO_HEADERS)
                 header = value
         query = scope["query_string"]
         # The name may arrive percent-encoded (access%5Ftoken): then only parsing can tell.
         if (b"access_token" in query or b"%" in query) and _query_has_token(query):
-            return _TOKEN_IN_HEADER_AND_QUERY if header is not None else _TOKEN_IN_QUERY
+            answer = _TOKEN_IN_HEADER_AND_QUERY if header is not None else _TOKEN_IN_QUERY
+            return self._refused(scope, answer)
         if header is None:
-            return self._answers.missing
+            return self._refused(scope, self._answers.missing)
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer":
-            return self._answers.missing
+            return self._refused(scope, self._answers.missing)
         token = token.strip(b" ")
         if not token:
-            return _EMPTY_TOKEN
+            return self._refused(scope, _EMPTY_TOKEN)
         digest = sha256(token).digest()
-        try:
-            valid = self._validator.cached(digest) or await self._validator.validate(token, digest)
-        except InvalidToken as exc:
-            return self._answers.invalid_token(exc.reason)
-        except Unavailable as exc:
-            return Answers.unavailable(exc.retry_after)
+        stats = self._auditor.stats
+        valid = self._validator.cached(digest)
+        cached = valid is not None
+        if valid is None:
+            stats.token_misses += 1
+            try:
+                valid = await self._validator.validate(token, digest)
+            except InvalidToken as exc:
+                return self._refused(scope, self._answers.invalid_token(exc.reason), digest)
+            except Unavailable as exc:
+                return self._refused(scope, Answers.unavailable(exc.retry_after), digest)
+        else:
+            stats.token_hits += 1
         if not self._required <= valid.scopes:
-            return self._answers.insufficient_scope
+            return self._refused(scope, self._answers.insufficient_scope, digest, valid)
+        stats.accepted += 1
+        # A token's first acceptance is worth INFO; its every later request only DEBUG.
+        if self._auditor.wants(logging.DEBUG if cached else logging.INFO):
+            self._audit(scope, None, digest, valid, cached=cached)
         return AccessContext(valid, token, digest, self._exchanger)
+
+    def _refused(
+        self,
+        scope: Scope,
+        answer: Answer,
+        digest: bytes | None = None,
+        valid: ValidToken | None = None,
+    ) -> Answer:
+        self._auditor.stats.rejected[answer.reason] += 1
+        if self._auditor.wants(logging.INFO):
+            self._audit(scope, answer, digest, valid)
+        return answer
+
+    def _audit(
+        self,
+        scope: Scope,
+        answer: Answer | None,
+        digest: bytes | None,
+        valid: ValidToken | None,
+        *,
+        cached: bool = False,
+    ) -> None:
+        event = AuthenticationEvent(
+            at=_clock.now(),
+            outcome="accepted" if answer is None else "rejected",
+            reason=None if answer is None else answer.reason,
+            status=200 if answer is None else answer.status,
+            subject=None if valid is None else valid.subject,
+            client_id=None if valid is None else client_id_of(valid.claims),
+            token_id=None if digest is None else digest.hex()[:16],
+            path=scope["path"],
+            cached=cached,
+        )
+        level = logging.DEBUG if cached else logging.INFO
+        verdict = "accepted" if answer is None else f"rejected ({answer.reason})"
+        self._auditor.emit(level, event, f"authentication {verdict}: {scope['path']}")
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters: requests by outcome, cache hits and misses, exchanges by
+        outcome and error, token-endpoint responses by status, fetches, audit delivery."""
+        return self._auditor.stats.snapshot()
 
     async def aclose(self) -> None:
         """Stop background grant refreshes and close the HTTP client the middleware created
         (not one passed as ``http_client``). Done automatically at lifespan shutdown."""
         await self._exchanger.aclose()
+        await self._auditor.aclose()
         if self._owns_client:
             await self._client.aclose()
 

@@ -375,7 +375,7 @@ async def fill(template: AccessContext, token: str, n: int, salt: bytes) -> floa
     )
 
     async def scripted(
-        subject_token: str, resource: str, scope: str | None
+        subject_token: str, resource: str, scope: str | None, trace: object
     ) -> tuple[Grant, float | None]:
         return grant_from(resource, scope, next(bodies))
 

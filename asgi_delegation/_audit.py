@@ -1,0 +1,188 @@
+"""Audit events, counters, and their delivery: who got a token for what, when, and why not.
+
+Every inbound authentication, every exchange and every fetch from the authorization server
+becomes an immutable event. Events go to the ``asgi_delegation.audit`` logger (structured:
+``record.audit`` is the event as a dict) and to an optional ``on_audit`` callback, which runs
+in a task of its own behind a bounded queue: a slow or failing callback never slows or breaks
+a request; what does not fit in the queue is dropped and counted. Events carry subjects, client
+ids, resources and a short hash of the token for correlation, never a token or a secret.
+
+Log levels: authentications answered from the validated-token cache and grant-cache hits are
+DEBUG (one per request); a token's first acceptance, rejections, exchanges and fetches INFO;
+failed exchanges and fetches WARNING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NamedTuple, TypeAlias
+
+from . import _clock
+
+logger = logging.getLogger("asgi_delegation.audit")
+_errors = logging.getLogger("asgi_delegation")
+
+_QUEUE_SIZE = 10_000
+
+
+class AuthenticationEvent(NamedTuple):
+    """An inbound request was authenticated (``accepted``) or answered here (``rejected``)."""
+
+    at: float  #: Unix time
+    outcome: str  #: "accepted" or "rejected"
+    reason: str | None  #: why rejected: missing, invalid_request, expired, bad_signature, ...
+    status: int  #: the HTTP status answered; 200 when the request went on to the app
+    subject: str | None
+    client_id: str | None  #: the token's ``client_id`` or ``azp``
+    token_id: str | None  #: the first 16 hex digits of the token's SHA-256, for correlation
+    path: str
+    cached: bool  #: validated from the cache
+
+
+class ExchangeEvent(NamedTuple):
+    """A call to ``AccessContext.exchange`` (or a background refresh) ended."""
+
+    at: float
+    subject: str
+    client_id: str | None  #: the caller's ``client_id`` or ``azp``
+    resource: str
+    scope: str | None
+    outcome: str  #: "granted", "denied", "unavailable" or "not_allowed"
+    cache: str  #: "hit", "miss", "joined" (shared another call's request) or "refresh"
+    latency_ms: float
+    status: int | None  #: the token endpoint's last HTTP status, for the call that asked it
+    error: str | None  #: the OAuth error code when not granted
+    attempts: int  #: requests this call sent to the token endpoint
+
+
+class FetchEvent(NamedTuple):
+    """The authorization server's metadata or JWKS was fetched."""
+
+    at: float
+    document: str  #: "metadata" or "jwks"
+    url: str
+    outcome: str  #: "ok" or "failed"
+    detail: str | None  #: why it failed
+    latency_ms: float
+
+
+AuditEvent: TypeAlias = AuthenticationEvent | ExchangeEvent | FetchEvent
+AuditCallback: TypeAlias = Callable[[AuditEvent], "Awaitable[None] | None"]
+
+
+def client_id_of(claims: Mapping[str, Any]) -> str | None:
+    """The client the token was issued to: ``client_id`` (RFC 9068) or ``azp`` (OIDC)."""
+    for name in ("client_id", "azp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+class Stats:
+    """Counters, updated in place on every request (plain integer increments)."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.rejected: Counter[str] = Counter()
+        self.token_hits = 0
+        self.token_misses = 0
+        self.grant_cache: Counter[str] = Counter()  # hit / miss / joined / refresh
+        self.exchanges: Counter[str] = Counter()  # by outcome
+        self.exchange_errors: Counter[str] = Counter()  # by OAuth error code
+        self.token_endpoint: Counter[str] = Counter()  # by HTTP status, or "network"
+        self.fetches: Counter[str] = Counter()  # "jwks ok", "metadata failed", ...
+        self.latency_count = 0
+        self.latency_total = 0.0
+        self.latency_max = 0.0
+        self.delivered = 0
+        self.dropped = 0
+        self.callback_errors = 0
+
+    def exchange_latency(self, milliseconds: float) -> None:
+        self.latency_count += 1
+        self.latency_total += milliseconds
+        self.latency_max = max(self.latency_max, milliseconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        count = self.latency_count
+        return {
+            "requests": {"accepted": self.accepted, "rejected": dict(self.rejected)},
+            "caches": {
+                "tokens": {"hits": self.token_hits, "misses": self.token_misses},
+                "grants": {k: self.grant_cache[k] for k in ("hit", "miss", "joined", "refresh")},
+            },
+            "exchanges": {
+                "outcomes": dict(self.exchanges),
+                "errors": dict(self.exchange_errors),
+                "latency_ms": {
+                    "count": count,
+                    "mean": self.latency_total / count if count else 0.0,
+                    "max": self.latency_max,
+                },
+            },
+            "token_endpoint": {"responses": dict(self.token_endpoint)},
+            "fetches": dict(self.fetches),
+            "audit": {
+                "delivered": self.delivered,
+                "dropped": self.dropped,
+                "callback_errors": self.callback_errors,
+            },
+        }
+
+
+class Auditor:
+    def __init__(self, on_audit: AuditCallback | None) -> None:
+        self.stats = Stats()
+        self._callback = on_audit
+        self._queue: asyncio.Queue[AuditEvent] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    def wants(self, level: int) -> bool:
+        """Whether an event at ``level`` has anyone to go to (build it only then)."""
+        return self._callback is not None or logger.isEnabledFor(level)
+
+    def emit(self, level: int, event: AuditEvent, message: str) -> None:
+        if logger.isEnabledFor(level):
+            logger.log(level, message, extra={"audit": event._asdict()})
+        if self._callback is None:
+            return
+        if self._queue is None:
+            self._queue = asyncio.Queue(_QUEUE_SIZE)
+            self._worker = asyncio.get_running_loop().create_task(self._deliver(self._queue))
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+
+    async def _deliver(self, queue: asyncio.Queue[AuditEvent]) -> None:
+        assert self._callback is not None
+        while True:
+            event = await queue.get()
+            try:
+                result = self._callback(event)
+                if inspect.isawaitable(result):
+                    await result
+                self.stats.delivered += 1
+            except Exception:  # the callback's own failure: logged, never a request's
+                self.stats.callback_errors += 1
+                _errors.exception("the on_audit callback failed on a %s", type(event).__name__)
+
+    def fetched(self, document: str, url: str, started: float, error: str | None) -> None:
+        """Count and report one fetch of ``document`` that began at ``started`` (perf_counter)."""
+        outcome = "ok" if error is None else "failed"
+        self.stats.fetches[f"{document} {outcome}"] += 1
+        level = logging.INFO if error is None else logging.WARNING
+        if self.wants(level):
+            milliseconds = (time.perf_counter() - started) * 1000
+            event = FetchEvent(_clock.now(), document, url, outcome, error, milliseconds)
+            self.emit(level, event, f"{document} fetch {outcome}: {url}")
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
