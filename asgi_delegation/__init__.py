@@ -5,6 +5,7 @@ RFC 6750 / RFC 9728 challenges, and gives the application an :class:`AccessConte
 exchanges the caller's token (RFC 8693) for upstream grants, lazily, cached and single-flight.
 """
 
+from ._audit import AuthenticationEvent, ExchangeEvent, FetchEvent
 from ._context import AccessContext
 from ._decorator import grant
 from ._errors import (
@@ -21,13 +22,16 @@ from ._middleware import DEFAULT_ALGORITHMS, DelegationMiddleware
 __all__ = [
     "DEFAULT_ALGORITHMS",
     "AccessContext",
+    "AuthenticationEvent",
     "ConfigurationError",
     "DelegationError",
     "DelegationMiddleware",
     "ExchangeDenied",
     "ExchangeError",
+    "ExchangeEvent",
     "ExchangeNotAllowed",
     "ExchangeUnavailable",
+    "FetchEvent",
     "Grant",
     "grant",
 ]

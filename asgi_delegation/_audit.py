@@ -6,6 +6,7 @@ becomes an immutable event. Events go to the ``asgi_delegation.audit`` logger (s
 in a task of its own behind a bounded queue: a slow or failing callback never slows or breaks
 a request; what does not fit in the queue is dropped and counted. Events carry subjects, client
 ids, resources and a short hash of the token for correlation, never a token or a secret.
+Events of level INFO and above also go to the OpenTelemetry sink when there is one (_otel.py).
 
 Log levels: authentications answered from the validated-token cache and grant-cache hits are
 DEBUG (one per request); a token's first acceptance, rejections, exchanges and fetches INFO;
@@ -20,7 +21,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 from . import _clock
 
@@ -53,7 +54,9 @@ class ExchangeEvent(NamedTuple):
     resource: str
     scope: str | None
     outcome: str  #: "granted", "denied", "unavailable" or "not_allowed"
-    cache: str  #: "hit", "miss", "joined" (shared another call's request) or "refresh"
+    #: "hit", "miss", "joined" (shared another call's request), "refresh", or "none" (refused
+    #: by allowed_resources or the policy before the cache was consulted)
+    cache: str
     latency_ms: float
     status: int | None  #: the token endpoint's last HTTP status, for the call that asked it
     error: str | None  #: the OAuth error code when not granted
@@ -136,29 +139,60 @@ class Stats:
         }
 
 
+class Telemetry(Protocol):
+    """Gets the events of level INFO and above, and reads the counters when it likes."""
+
+    def observe(self, stats: Stats) -> None: ...
+
+    def record(self, event: AuditEvent) -> None: ...
+
+
 class Auditor:
-    def __init__(self, on_audit: AuditCallback | None) -> None:
+    def __init__(self, on_audit: AuditCallback | None, telemetry: Telemetry | None = None) -> None:
         self.stats = Stats()
         self._callback = on_audit
+        self._telemetry = telemetry
+        if telemetry is not None:
+            telemetry.observe(self.stats)
         self._queue: asyncio.Queue[AuditEvent] | None = None
         self._worker: asyncio.Task[None] | None = None
 
     def wants(self, level: int) -> bool:
         """Whether an event at ``level`` has anyone to go to (build it only then)."""
-        return self._callback is not None or logger.isEnabledFor(level)
+        return (
+            self._callback is not None
+            or logger.isEnabledFor(level)
+            or (self._telemetry is not None and level >= logging.INFO)
+        )
 
     def emit(self, level: int, event: AuditEvent, message: str) -> None:
         if logger.isEnabledFor(level):
-            logger.log(level, message, extra={"audit": event._asdict()})
+            extra = {"audit": event._asdict(), "audit_event": type(event).__name__}
+            logger.log(level, message, extra=extra)
+        if self._telemetry is not None and level >= logging.INFO:
+            self._telemetry.record(event)
         if self._callback is None:
             return
-        if self._queue is None:
+        loop = asyncio.get_running_loop()
+        # One worker per event loop: a middleware may outlive the loop it first ran in.
+        if self._worker is None or self._worker.get_loop() is not loop or self._worker.done():
+            self._stop_worker()
             self._queue = asyncio.Queue(_QUEUE_SIZE)
-            self._worker = asyncio.get_running_loop().create_task(self._deliver(self._queue))
+            self._worker = loop.create_task(self._deliver(self._queue))
+        assert self._queue is not None
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self.stats.dropped += 1
+
+    def _stop_worker(self) -> None:
+        """Stop delivering; what is still queued counts as dropped."""
+        if self._queue is not None:
+            self.stats.dropped += self._queue.qsize()
+        worker = self._worker
+        if worker is not None and not worker.done() and not worker.get_loop().is_closed():
+            worker.get_loop().call_soon_threadsafe(worker.cancel)
+        self._queue = self._worker = None
 
     async def _deliver(self, queue: asyncio.Queue[AuditEvent]) -> None:
         assert self._callback is not None
@@ -184,5 +218,4 @@ class Auditor:
             self.emit(level, event, f"{document} fetch {outcome}: {url}")
 
     async def aclose(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        self._stop_worker()

@@ -139,7 +139,7 @@ class Exchanger:
             if self._policy is not None:
                 await self._ask_policy(context, resource, scope)
         except ExchangeError as exc:
-            self._ended(context, resource, scope, started, "miss", _Trace(), exc)
+            self._ended(context, resource, scope, started, "none", _Trace(), exc)
             raise
         key = (context.token_digest, resource, scope)
         entry = self._cache.get(key)
@@ -180,7 +180,8 @@ class Exchanger:
         stats = self._auditor.stats
         outcome = "granted" if error is None else _OUTCOMES[type(error)]
         if cache != "hit":
-            stats.grant_cache[cache] += 1
+            if cache != "none":
+                stats.grant_cache[cache] += 1
             stats.exchanges[outcome] += 1
             if error is not None:
                 stats.exchange_errors[error.error] += 1

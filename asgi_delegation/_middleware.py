@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from hashlib import sha256
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
@@ -24,10 +24,15 @@ from ._errors import ConfigurationError
 from ._exchange import TARGETS, Exchanger, Policy
 from ._jwks import ALGORITHM_KEYS, JWKS
 from ._metadata import ResourceMetadata
+from ._otel import telemetry
 from ._refresh import Unavailable
 from ._tokens import InvalidToken, TokenValidator, ValidToken
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from ._urls import secure_url
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 #: The algorithms accepted by default: every asymmetric JWS algorithm in common use.
 #: ``none`` and the HMAC family are never accepted: a resource server holds no shared secret.
@@ -123,6 +128,9 @@ class DelegationMiddleware:
         max_concurrent_exchanges: int = 32,
         exchange_attempts: int = 3,
         on_audit: AuditCallback | None = None,
+        opentelemetry: bool = False,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         self.app = app
         issuer = secure_url(issuer, "issuer")
@@ -174,6 +182,7 @@ class DelegationMiddleware:
             private_key=private_key,
             client_assertion_file=client_assertion_file,
         )
+        sink = telemetry(opentelemetry, tracer_provider, meter_provider)
         # Every argument is checked by now: nothing below can fail and leave a client open.
         self._owns_client = http_client is None
         self._client = http_client or httpx.AsyncClient(
@@ -181,7 +190,7 @@ class DelegationMiddleware:
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
         )
-        self._auditor = auditor = Auditor(on_audit)
+        self._auditor = auditor = Auditor(on_audit, sink)
         discovery = Discovery(issuer, self._client, deadline=timeout, auditor=auditor)
         jwks = JWKS(
             discovery,
@@ -313,7 +322,8 @@ class DelegationMiddleware:
         else:
             stats.token_hits += 1
         if not self._required <= valid.scopes:
-            return self._refused(scope, self._answers.insufficient_scope, digest, valid)
+            answer = self._answers.insufficient_scope
+            return self._refused(scope, answer, digest, valid, cached=cached)
         stats.accepted += 1
         # A token's first acceptance is worth INFO; its every later request only DEBUG.
         if self._auditor.wants(logging.DEBUG if cached else logging.INFO):
@@ -326,10 +336,12 @@ class DelegationMiddleware:
         answer: Answer,
         digest: bytes | None = None,
         valid: ValidToken | None = None,
+        *,
+        cached: bool = False,
     ) -> Answer:
         self._auditor.stats.rejected[answer.reason] += 1
         if self._auditor.wants(logging.INFO):
-            self._audit(scope, answer, digest, valid)
+            self._audit(scope, answer, digest, valid, cached=cached)
         return answer
 
     def _audit(
@@ -352,7 +364,7 @@ class DelegationMiddleware:
             path=scope["path"],
             cached=cached,
         )
-        level = logging.DEBUG if cached else logging.INFO
+        level = logging.DEBUG if answer is None and cached else logging.INFO
         verdict = "accepted" if answer is None else f"rejected ({answer.reason})"
         self._auditor.emit(level, event, f"authentication {verdict}: {scope['path']}")
 
