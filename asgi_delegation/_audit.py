@@ -64,14 +64,16 @@ class ExchangeEvent(NamedTuple):
 
 
 class FetchEvent(NamedTuple):
-    """The authorization server's metadata or JWKS was fetched."""
+    """One request to the authorization server: its metadata, its JWKS, or (POST) its token
+    endpoint, once per attempt of an exchange."""
 
     at: float
-    document: str  #: "metadata" or "jwks"
+    document: str  #: "metadata", "jwks" or "token"
     url: str
-    outcome: str  #: "ok" or "failed"
+    outcome: str  #: "ok" or "failed" (for the token endpoint: any answer but 200)
     detail: str | None  #: why it failed
     latency_ms: float
+    method: str = "GET"
 
 
 AuditEvent: TypeAlias = AuthenticationEvent | ExchangeEvent | FetchEvent
@@ -207,15 +209,18 @@ class Auditor:
                 self.stats.callback_errors += 1
                 _errors.exception("the on_audit callback failed on a %s", type(event).__name__)
 
-    def fetched(self, document: str, url: str, started: float, error: str | None) -> None:
-        """Count and report one fetch of ``document`` that began at ``started`` (perf_counter)."""
+    def fetched(
+        self, document: str, url: str, started: float, error: str | None, method: str = "GET"
+    ) -> None:
+        """Count and report one request for ``document`` that began at ``started``
+        (perf_counter)."""
         outcome = "ok" if error is None else "failed"
         self.stats.fetches[f"{document} {outcome}"] += 1
         level = logging.INFO if error is None else logging.WARNING
         if self.wants(level):
             milliseconds = (time.perf_counter() - started) * 1000
-            event = FetchEvent(_clock.now(), document, url, outcome, error, milliseconds)
-            self.emit(level, event, f"{document} fetch {outcome}: {url}")
+            event = FetchEvent(_clock.now(), document, url, outcome, error, milliseconds, method)
+            self.emit(level, event, f"{method} {document} {outcome}: {url}")
 
     async def aclose(self) -> None:
         self._stop_worker()

@@ -332,15 +332,19 @@ class Exchanger:
                 self._client_auth.apply(form, headers, endpoint)
             except OSError as exc:
                 raise ExchangeUnavailable(resource, "temporarily_unavailable", str(exc)) from None
+            started = time.perf_counter()
             answer = await self._post(endpoint, form, headers, resource, give_up_at)
             trace.attempts += 1
             error: ExchangeError
             if isinstance(answer, ExchangeUnavailable):
                 self._auditor.stats.token_endpoint["network"] += 1
+                self._auditor.fetched("token", endpoint, started, answer.error_description, "POST")
                 error = answer
             else:
                 trace.status = answer.status
                 self._auditor.stats.token_endpoint[str(answer.status)] += 1
+                failure = None if answer.status == 200 else f"answered HTTP {answer.status}"
+                self._auditor.fetched("token", endpoint, started, failure, "POST")
                 if answer.status == 200:
                     return grant_from(resource, scope, answer.body)
                 secrets = (subject_token, *self._client_auth.secrets())

@@ -16,10 +16,11 @@ times (the event's ``at`` minus its latency, and ``at``), as a child of the curr
   ``asgi_delegation.cache``, ``asgi_delegation.attempts``, ``http.response.status_code`` (the
   token endpoint's last answer), ``error.type`` (the OAuth error code); status ERROR when not
   granted.
-- ``GET`` (CLIENT), one per fetch, with the HTTP semantic conventions: ``http.request.method``,
-  ``url.full``, ``url.scheme``, ``server.address``, ``server.port``,
+- ``GET`` or ``POST`` (CLIENT), one per request to the authorization server (metadata, JWKS,
+  and each token-endpoint attempt), with the HTTP semantic conventions:
+  ``http.request.method``, ``url.full``, ``url.scheme``, ``server.address``, ``server.port``,
   ``http.response.status_code`` when known, ``error.type`` on failure, and
-  ``asgi_delegation.document`` ("metadata" or "jwks").
+  ``asgi_delegation.document`` ("metadata", "jwks" or "token").
 
 Metrics, from the meter named ``asgi_delegation``:
 
@@ -362,7 +363,7 @@ class OpenTelemetrySink:
     def _fetched(self, event: FetchEvent) -> None:
         status, error_type = _fetch_outcome(event)
         attributes = {
-            "http.request.method": "GET",
+            "http.request.method": event.method,
             **_server(event.url),
             "http.response.status_code": status,
             "error.type": error_type,
@@ -374,5 +375,5 @@ class OpenTelemetrySink:
             "asgi_delegation.document": event.document,
         }
         error = None if event.outcome == "ok" else (event.detail or "failed")
-        self._span("GET", SpanKind.CLIENT, event, event.latency_ms, span_attributes, error)
+        self._span(event.method, SpanKind.CLIENT, event, event.latency_ms, span_attributes, error)
         self._fetch_duration.record(event.latency_ms / 1000, measured)

@@ -459,11 +459,18 @@ async def test_fetches_ok(
                 "url": "http://127.0.0.1/.well-known/oauth-authorization-server",
                 "outcome": "ok",
                 "detail": None,
+                "method": "GET",
             },
         ),
         (
             logging.INFO,
-            {"document": "jwks", "url": "http://127.0.0.1/jwks", "outcome": "ok", "detail": None},
+            {
+                "document": "jwks",
+                "url": "http://127.0.0.1/jwks",
+                "outcome": "ok",
+                "detail": None,
+                "method": "GET",
+            },
         ),
     ]
 
@@ -488,6 +495,7 @@ async def test_metadata_fetch_failed(
                 "url": url,
                 "outcome": "failed",
                 "detail": f"GET {url} answered HTTP 503",
+                "method": "GET",
             },
         )
         for url in urls
@@ -511,6 +519,7 @@ async def test_jwks_fetch_failed(
                 "url": url,
                 "outcome": "failed",
                 "detail": f"GET {url} answered HTTP 404",
+                "method": "GET",
             },
         )
     ]
@@ -551,6 +560,7 @@ async def test_callback_receives_every_event(
         ("AuthenticationEvent", "accepted", False, None),
         ("AuthenticationEvent", "accepted", True, None),
         ("AuthenticationEvent", "accepted", True, None),
+        ("FetchEvent", "ok", None, None),  # the POST to the token endpoint
         ("ExchangeEvent", "granted", None, "miss"),
         ("AuthenticationEvent", "accepted", True, None),
         ("ExchangeEvent", "granted", None, "hit"),
@@ -558,10 +568,13 @@ async def test_callback_receives_every_event(
     assert audited(caplog) == []
     assert isinstance(received[0], FetchEvent)
     assert isinstance(received[2], AuthenticationEvent)
-    assert isinstance(received[5], ExchangeEvent)
+    assert isinstance(received[6], ExchangeEvent)
     assert received[2].token_id == token_id(token)
+    post = received[5]
+    assert isinstance(post, FetchEvent)
+    assert (post.document, post.method) == ("token", "POST")
     assert gateway.middleware.stats()["audit"] == {
-        "delivered": 8,
+        "delivered": 9,
         "dropped": 0,
         "callback_errors": 0,
     }
@@ -580,11 +593,11 @@ async def test_failing_callback_is_isolated(
     assert (response.status_code, response.json()["subject"]) == (200, "alice")
     assert (await gateway.exchange(token, GITHUB))["grants"]
     await settled()
-    # metadata, jwks, acceptance; acceptance (cached), exchange
+    # metadata, jwks, acceptance; acceptance (cached), token endpoint POST, exchange
     assert gateway.middleware.stats()["audit"] == {
         "delivered": 0,
         "dropped": 0,
-        "callback_errors": 5,
+        "callback_errors": 6,
     }
     errors = [r for r in caplog.records if r.name == "asgi_delegation"]
     assert [r.getMessage() for r in errors] == [
@@ -592,6 +605,7 @@ async def test_failing_callback_is_isolated(
         "the on_audit callback failed on a FetchEvent",
         "the on_audit callback failed on a AuthenticationEvent",
         "the on_audit callback failed on a AuthenticationEvent",
+        "the on_audit callback failed on a FetchEvent",
         "the on_audit callback failed on a ExchangeEvent",
     ]
     assert all(r.levelno == logging.ERROR for r in errors)
@@ -753,11 +767,12 @@ async def test_stats_after_a_scripted_sequence(
             "errors": {"invalid_target": 1, "not_allowed": 1, "temporarily_unavailable": 1},
         },
         "token_endpoint": {"responses": {"200": 4, "400": 1, "network": 1, "503": 2}},
-        "fetches": {"metadata ok": 1, "jwks ok": 1},
-        # 2 fetches, 16 authentications, 11 exchanges; the expired rejection's callback failed
-        "audit": {"delivered": 28, "dropped": 0, "callback_errors": 1},
+        # every token-endpoint request is a fetch too: 4 answered 200, 4 did not
+        "fetches": {"metadata ok": 1, "jwks ok": 1, "token ok": 4, "token failed": 4},
+        # 10 fetches, 16 authentications, 11 exchanges; the expired rejection's callback failed
+        "audit": {"delivered": 36, "dropped": 0, "callback_errors": 1},
     }
-    assert len(received) == 28
+    assert len(received) == 36
 
 
 async def test_stats_snapshot_is_a_copy(
