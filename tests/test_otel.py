@@ -337,6 +337,18 @@ async def test_exchange_miss_hit_and_denial(
         "asgi_delegation.attempts": 1,
         "http.response.status_code": 200,
     }
+    post = telemetry.only("POST")  # the request to the token endpoint, a CLIENT span
+    assert post.kind is SpanKind.CLIENT
+    assert_child_of(post, parent)
+    assert {
+        k: v
+        for k, v in (post.attributes or {}).items()
+        if k in ("http.request.method", "url.full", "http.response.status_code")
+    } == {
+        "http.request.method": "POST",
+        "url.full": auth.token_endpoint,
+        "http.response.status_code": 200,
+    }
 
     telemetry.exporter.clear()
     await traced.exchange(token, GITHUB, "repo")  # a grant-cache hit: DEBUG, no span
