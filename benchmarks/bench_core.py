@@ -1,15 +1,20 @@
 """Core benchmarks of DelegationMiddleware, measured side by side in one run.
 
 1. Warm request overhead: the same valid token on every call (validation cache hit), through a
-   bare ASGI app and through ``DelegationMiddleware`` around that same app. Target: the
-   middleware adds at most 5 µs per request.
+   bare ASGI app and through ``DelegationMiddleware`` around that same app, also with auditing
+   on: (a) the ``asgi_delegation.audit`` logger at INFO with a handler attached, (b) an
+   ``on_audit`` callback set. Target: the middleware adds at most 5 µs per request, in all three
+   cases. Case (b) builds and queues an event per request; the audit worker delivers the batch's
+   events once the batch is timed (the queue holds 10,000 events: batches stay below that), and
+   that delivery is timed on its own and reported as well.
 2. First-seen token validation: a distinct, never-seen token on every call (JWKS already
    fetched), through the middleware, against joserfc's own ``jwt.decode`` plus
    ``JWTClaimsRegistry.validate`` with a pre-imported public key. Target: at most 1.2x joserfc.
 
 The ASGI callables are awaited directly in one asyncio event loop (no HTTP client, no server).
-Batches are interleaved round by round; each figure is the median over rounds of the per-call
-mean of one batch. The garbage collector is paused while a batch is timed, as ``timeit`` does.
+Batches are interleaved round by round (the four warm cases in an order that rotates from
+round to round); each figure is the median over rounds of the per-call mean of one batch. The
+garbage collector is paused while a batch is timed, as ``timeit`` does.
 
 Run from the project root::
 
@@ -21,14 +26,21 @@ Run from the project root::
 from __future__ import annotations
 
 import argparse
+import asyncio
+import io
+import logging
+import statistics
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from joserfc import jwk, jwt
 
 from asgi_delegation import DelegationMiddleware
+from asgi_delegation._audit import AuditEvent, AuthenticationEvent
 from asgi_delegation._types import ASGIApp, Receive, Scope, Send
 from asgi_delegation.testing import LocalAuthorizationServer
 
@@ -37,6 +49,8 @@ from ._common import RESOURCE, discard, gc_paused, headers_for, http_scope, summ
 
 TARGET_ADDED_US = 5.0
 TARGET_FIRST_SEEN_RATIO = 1.2
+AUDIT_LOGGER = "asgi_delegation.audit"
+AUDIT_QUEUE_SIZE = 10_000  # the on_audit queue: a batch larger than this would drop events
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,68 @@ def check_authenticated(scopes: Sequence[Scope], what: str) -> None:
         fail(f"{what}: some timed requests were not authenticated")
 
 
+# -- auditing ----------------------------------------------------------------------------------
+
+
+class AuditSink:
+    """The ``on_audit`` callback of case (b): synchronous, counts the events and keeps the
+    last few."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.last: deque[AuditEvent] = deque(maxlen=64)
+
+    def __call__(self, event: AuditEvent) -> None:
+        self.received += 1
+        self.last.append(event)
+
+
+@contextmanager
+def audit_logged_at_info(stream: io.StringIO) -> Iterator[None]:
+    """The audit logger at INFO with a ``StreamHandler`` (formatter included) writing to
+    ``stream``, and not propagating; its level, handlers and propagation restored afterwards."""
+    logger = logging.getLogger(AUDIT_LOGGER)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def first_acceptance(sink: AuditSink) -> bool:
+    """Whether ``sink`` has received the event of a token's first acceptance."""
+    return any(
+        isinstance(event, AuthenticationEvent) and event.outcome == "accepted" and not event.cached
+        for event in sink.last
+    )
+
+
+async def drain_audit(
+    middleware: DelegationMiddleware, sink: AuditSink, expected: int, what: str
+) -> float:
+    """Lets the audit worker run until ``sink`` has received ``expected`` events in all, less
+    any dropped or failed; returns the time that took, in ns."""
+    with gc_paused():
+        start = time.perf_counter_ns()
+        for _ in range(10_000):
+            if sink.received >= expected:
+                break
+            audit = middleware.stats()["audit"]  # events that will never come
+            if sink.received + audit["dropped"] + audit["callback_errors"] >= expected:
+                break
+            await asyncio.sleep(0)
+        else:
+            fail(f"{what}: the audit worker never delivered the batch's events")
+        return time.perf_counter_ns() - start
+
+
 # -- timing ------------------------------------------------------------------------------------
 
 
@@ -120,34 +196,119 @@ def time_joserfc(
 # -- the two benchmarks ------------------------------------------------------------------------
 
 
+def _audited(
+    bare_median: float, samples: Sequence[float], plain: Sequence[float]
+) -> dict[str, Any]:
+    """The summary of an audited case's samples, what it adds to the bare app, its ratio, and
+    what auditing adds to the plain middleware: the median of the per-round differences."""
+    figures = summary(samples)
+    added = figures["median"] - bare_median
+    return {
+        "wrapped_us": figures,
+        "added_us": added,
+        "ratio_to_bare": figures["median"] / bare_median,
+        "target_met": added <= TARGET_ADDED_US,
+        "added_over_plain_us": statistics.median(
+            a - b for a, b in zip(samples, plain, strict=True)
+        ),
+    }
+
+
 async def warm_overhead(auth: LocalAuthorizationServer, config: Config) -> dict[str, Any]:
+    if logging.getLogger(AUDIT_LOGGER).isEnabledFor(logging.INFO):
+        fail(f"the {AUDIT_LOGGER} logger is already enabled: the plain case would be audited")
+    if config.warm_calls >= AUDIT_QUEUE_SIZE:
+        fail(f"batches of {config.warm_calls} calls would overflow the on_audit queue")
     client = auth.http_client()
+    stream = io.StringIO()
+    sink = AuditSink()
     try:
         wrapped = DelegationMiddleware(
             bare_app, issuer=auth.issuer, resource=RESOURCE, http_client=client
         )
+        logged = DelegationMiddleware(
+            bare_app, issuer=auth.issuer, resource=RESOURCE, http_client=client
+        )
+        with_callback = DelegationMiddleware(
+            bare_app, issuer=auth.issuer, resource=RESOURCE, http_client=client, on_audit=sink
+        )
         token = auth.mint("alice", audience=RESOURCE, scope="read")
         await check_answers_200(wrapped, token, "warm overhead")
+        with audit_logged_at_info(stream):
+            await check_answers_200(logged, token, "warm overhead, audit logger at INFO")
+        if "authentication accepted" not in stream.getvalue():
+            fail("warm overhead: the audit handler did not receive the first acceptance")
+        await check_answers_200(with_callback, token, "warm overhead, on_audit")
+        for _ in range(1000):  # the warm-up's events: two fetches, then the acceptance
+            if first_acceptance(sink):
+                break
+            await asyncio.sleep(0)
+        else:
+            fail("warm overhead: on_audit did not receive the first acceptance")
+        logged_before = stream.getvalue().count("\n")
+        delivered_before = with_callback.stats()["audit"]["delivered"]
         headers = headers_for(token)
-        bare_us: list[float] = []
-        wrapped_us: list[float] = []
-        for _ in range(config.rounds):
+        samples: dict[str, list[float]] = {"bare": [], "wrapped": [], "logged": [], "callback": []}
+        delivery_us: list[float] = []
+
+        async def timed_batch(case: str) -> None:
             scopes = [http_scope(headers) for _ in range(config.warm_calls)]
-            bare_us.append(await time_calls(bare_app, scopes))
-            scopes = [http_scope(headers) for _ in range(config.warm_calls)]
-            wrapped_us.append(await time_calls(wrapped, scopes))
-            check_authenticated(scopes, "warm overhead")
+            if case == "bare":
+                samples[case].append(await time_calls(bare_app, scopes))
+                return
+            if case == "wrapped":
+                samples[case].append(await time_calls(wrapped, scopes))
+            elif case == "logged":
+                with audit_logged_at_info(stream):
+                    samples[case].append(await time_calls(logged, scopes))
+            else:
+                expected = sink.received + len(scopes)
+                samples[case].append(await time_calls(with_callback, scopes))
+                nanoseconds = await drain_audit(with_callback, sink, expected, "warm overhead")
+                delivery_us.append(nanoseconds / len(scopes) / 1000)
+                last = sink.last[-1]
+                if not (isinstance(last, AuthenticationEvent) and last.cached):
+                    fail("warm overhead: on_audit did not receive the cache-hit events")
+            check_authenticated(scopes, f"warm overhead ({case})")
+
+        cases = list(samples)
+        for round_ in range(config.rounds):
+            # The order of the four batches rotates from round to round.
+            shift = round_ % len(cases)
+            for case in cases[shift:] + cases[:shift]:
+                await timed_batch(case)
+        audit = with_callback.stats()["audit"]
+        logged_during = stream.getvalue().count("\n") - logged_before
     finally:
+        await with_callback.aclose()
         await client.aclose()
-    bare, wrapped_s = summary(bare_us), summary(wrapped_us)
-    added = wrapped_s["median"] - bare["median"]
+    bare = summary(samples["bare"])
+    plain = summary(samples["wrapped"])
+    plain_added = plain["median"] - bare["median"]
+    callback = _audited(bare["median"], samples["callback"], samples["wrapped"])
+    delivery = summary(delivery_us)
+    with_delivery = callback["wrapped_us"]["median"] + delivery["median"] - bare["median"]
     return {
         "bare_us": bare,
-        "wrapped_us": wrapped_s,
-        "added_us": added,
-        "ratio_wrapped_to_bare": wrapped_s["median"] / bare["median"],
+        "wrapped_us": plain,
+        "added_us": plain_added,
+        "ratio_wrapped_to_bare": plain["median"] / bare["median"],
         "target_added_us": TARGET_ADDED_US,
-        "target_met": added <= TARGET_ADDED_US,
+        "target_met": plain_added <= TARGET_ADDED_US,
+        "audit_logger_info": {
+            **_audited(bare["median"], samples["logged"], samples["wrapped"]),
+            "records_logged_by_timed_requests": logged_during,
+        },
+        "on_audit_callback": {
+            **callback,
+            "delivery_us_per_event": delivery,
+            "added_with_delivery_us": with_delivery,
+            "ratio_with_delivery_to_bare": (with_delivery + bare["median"]) / bare["median"],
+            "target_met_with_delivery": with_delivery <= TARGET_ADDED_US,
+            "delivered": audit["delivered"] - delivered_before,
+            "dropped": audit["dropped"],
+            "callback_errors": audit["callback_errors"],
+        },
     }
 
 
@@ -215,18 +376,63 @@ def render(env: dict[str, str], config: Config, mode: str, results: dict[str, An
         spread = f"({stats['min']:.2f}-{stats['max']:.2f})"
         return row.format(label, f"{stats['median']:.2f}", spread, "")
 
+    def added(label: str, microseconds: float, met: bool) -> str:
+        target = f"<= {TARGET_ADDED_US:g} µs: {verdict(met)}"
+        return row.format(label, f"{microseconds:.2f}", "", target)
+
+    def over_plain(case: dict[str, Any]) -> str:
+        label = "added by auditing (vs the plain middleware)"
+        return row.format(label, f"{case['added_over_plain_us']:.2f}", "", "(per-round diff.)")
+
+    logged, callback = warm["audit_logger_info"], warm["on_audit_callback"]
     lines += [
         "1. Warm request overhead (same valid token every call: validation cache hit)",
         row.format("", "µs/req", "range", "target"),
         timed("bare app", warm["bare_us"]),
         timed("DelegationMiddleware(bare app)", warm["wrapped_us"]),
-        row.format(
-            "added by the middleware",
-            f"{warm['added_us']:.2f}",
-            "",
-            f"<= {TARGET_ADDED_US:g} µs: {verdict(warm['target_met'])}",
-        ),
+        added("added by the middleware", warm["added_us"], warm["target_met"]),
         row.format("ratio wrapped / bare", f"{warm['ratio_wrapped_to_bare']:.1f}x", "", ""),
+        "",
+        "   a. auditing on: the asgi_delegation.audit logger at INFO, a StreamHandler attached",
+        timed("DelegationMiddleware(bare app)", logged["wrapped_us"]),
+        added("added by the middleware", logged["added_us"], logged["target_met"]),
+        row.format("ratio wrapped / bare", f"{logged['ratio_to_bare']:.1f}x", "", ""),
+        over_plain(logged),
+        row.format(
+            "records logged by the timed requests",
+            str(logged["records_logged_by_timed_requests"]),
+            "",
+            "(cache hits are DEBUG)",
+        ),
+        "",
+        "   b. auditing on: an on_audit callback (sync, counts into a deque)",
+        timed("DelegationMiddleware(bare app, on_audit=callback)", callback["wrapped_us"]),
+        added(
+            "added by the middleware (request path)", callback["added_us"], callback["target_met"]
+        ),
+        row.format("ratio wrapped / bare", f"{callback['ratio_to_bare']:.1f}x", "", ""),
+        over_plain(callback),
+        timed(
+            "audit worker's delivery, per event (after the batch)",
+            callback["delivery_us_per_event"],
+        ),
+        added(
+            "added, delivery included",
+            callback["added_with_delivery_us"],
+            callback["target_met_with_delivery"],
+        ),
+        row.format(
+            "ratio (wrapped + delivery) / bare",
+            f"{callback['ratio_with_delivery_to_bare']:.1f}x",
+            "",
+            "",
+        ),
+        row.format(
+            "events delivered / dropped / callback errors",
+            f"{callback['delivered']} / {callback['dropped']} / {callback['callback_errors']}",
+            "",
+            "",
+        ),
         "",
         "2. First-seen token validation (a distinct new token every call, JWKS warm)",
         row.format("", "µs/req", "range", "target"),
