@@ -19,8 +19,8 @@ import asyncio
 import inspect
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, Protocol, TypeAlias
 
 from . import _clock
@@ -78,15 +78,6 @@ class FetchEvent(NamedTuple):
 
 AuditEvent: TypeAlias = AuthenticationEvent | ExchangeEvent | FetchEvent
 AuditCallback: TypeAlias = Callable[[AuditEvent], "Awaitable[None] | None"]
-
-
-def client_id_of(claims: Mapping[str, Any]) -> str | None:
-    """The client the token was issued to: ``client_id`` (RFC 9068) or ``azp`` (OIDC)."""
-    for name in ("client_id", "azp"):
-        value = claims.get(name)
-        if isinstance(value, str):
-            return value
-    return None
 
 
 class Stats:
@@ -156,7 +147,9 @@ class Auditor:
         self._telemetry = telemetry
         if telemetry is not None:
             telemetry.observe(self.stats)
-        self._queue: asyncio.Queue[AuditEvent] | None = None
+        self._pending: deque[AuditEvent] = deque()
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task[None] | None = None
 
     def wants(self, level: int) -> bool:
@@ -167,47 +160,58 @@ class Auditor:
             or (self._telemetry is not None and level >= logging.INFO)
         )
 
-    def emit(self, level: int, event: AuditEvent, message: str) -> None:
+    def emit(self, level: int, event: AuditEvent, message: str, *args: object) -> None:
+        """Hand ``event`` to the logger (``message % args``, formatted only if logged), the
+        telemetry sink and the callback's queue."""
         if logger.isEnabledFor(level):
             extra = {"audit": event._asdict(), "audit_event": type(event).__name__}
-            logger.log(level, message, extra=extra)
+            logger.log(level, message, *args, extra=extra)
         if self._telemetry is not None and level >= logging.INFO:
             self._telemetry.record(event)
         if self._callback is None:
             return
-        loop = asyncio.get_running_loop()
-        # One worker per event loop: a middleware may outlive the loop it first ran in.
-        if self._worker is None or self._worker.get_loop() is not loop or self._worker.done():
-            self._stop_worker()
-            self._queue = asyncio.Queue(_QUEUE_SIZE)
-            self._worker = loop.create_task(self._deliver(self._queue))
-        assert self._queue is not None
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
+        # A worker dies with its event loop (asyncio.run cancels it): then one starts in this
+        # loop, since a middleware may outlive the loop it first ran in.
+        if self._worker is None or self._worker.done():
+            self._start_worker(asyncio.get_running_loop())
+        if len(self._pending) >= _QUEUE_SIZE:
             self.stats.dropped += 1
+            return
+        self._pending.append(event)
+        # Woken only when idle: a busy worker finds the new event when it looks again.
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _start_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._stop_worker()
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._worker = loop.create_task(self._deliver(self._pending, self._wake))
+
+    async def _deliver(self, pending: deque[AuditEvent], wake: asyncio.Event) -> None:
+        assert self._callback is not None
+        while True:
+            await wake.wait()
+            wake.clear()
+            while pending:
+                event = pending.popleft()
+                try:
+                    result = self._callback(event)
+                    if inspect.isawaitable(result):
+                        await result
+                    self.stats.delivered += 1
+                except Exception:  # the callback's own failure: logged, never a request's
+                    self.stats.callback_errors += 1
+                    _errors.exception("the on_audit callback failed on a %s", type(event).__name__)
 
     def _stop_worker(self) -> None:
         """Stop delivering; what is still queued counts as dropped."""
-        if self._queue is not None:
-            self.stats.dropped += self._queue.qsize()
+        self.stats.dropped += len(self._pending)
+        self._pending = deque()
         worker = self._worker
         if worker is not None and not worker.done() and not worker.get_loop().is_closed():
             worker.get_loop().call_soon_threadsafe(worker.cancel)
-        self._queue = self._worker = None
-
-    async def _deliver(self, queue: asyncio.Queue[AuditEvent]) -> None:
-        assert self._callback is not None
-        while True:
-            event = await queue.get()
-            try:
-                result = self._callback(event)
-                if inspect.isawaitable(result):
-                    await result
-                self.stats.delivered += 1
-            except Exception:  # the callback's own failure: logged, never a request's
-                self.stats.callback_errors += 1
-                _errors.exception("the on_audit callback failed on a %s", type(event).__name__)
+        self._worker = self._loop = None
 
     def fetched(
         self, document: str, url: str, started: float, error: str | None, method: str = "GET"
@@ -220,7 +224,7 @@ class Auditor:
         if self.wants(level):
             milliseconds = (time.perf_counter() - started) * 1000
             event = FetchEvent(_clock.now(), document, url, outcome, error, milliseconds, method)
-            self.emit(level, event, f"{method} {document} {outcome}: {url}")
+            self.emit(level, event, "%s %s %s: %s", method, document, outcome, url)
 
     async def aclose(self) -> None:
         self._stop_worker()

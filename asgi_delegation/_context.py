@@ -50,6 +50,11 @@ class AccessContext:
         return self._valid.claims
 
     @property
+    def client_id(self) -> str | None:
+        """The client the token was issued to: its ``client_id`` (RFC 9068) or ``azp`` claim."""
+        return self._valid.client_id
+
+    @property
     def scopes(self) -> frozenset[str]:
         """The scopes granted by the token (``scope`` string and/or ``scp`` list)."""
         return self._valid.scopes

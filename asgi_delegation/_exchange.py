@@ -24,7 +24,7 @@ import anyio
 import httpx
 
 from . import _clock
-from ._audit import Auditor, ExchangeEvent, client_id_of
+from ._audit import Auditor, ExchangeEvent
 from ._client_auth import ClientAuth
 from ._discovery import Discovery
 from ._errors import ExchangeDenied, ExchangeError, ExchangeNotAllowed, ExchangeUnavailable
@@ -196,7 +196,7 @@ class Exchanger:
         event = ExchangeEvent(
             at=_clock.now(),
             subject=context.subject,
-            client_id=client_id_of(context.claims),
+            client_id=context.client_id,
             resource=resource,
             scope=scope,
             outcome=outcome,
@@ -206,7 +206,7 @@ class Exchanger:
             error=None if error is None else error.error,
             attempts=trace.attempts,
         )
-        self._auditor.emit(level, event, f"exchange for {resource} {outcome} ({cache})")
+        self._auditor.emit(level, event, "exchange for %s %s (%s)", resource, outcome, cache)
 
     def forget(
         self, context: AccessContext, resource: str, scope: str | None, grant: Grant

@@ -16,7 +16,7 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from . import _clock
 from ._answers import Answer, Answers
-from ._audit import AuditCallback, Auditor, AuthenticationEvent, client_id_of
+from ._audit import AuditCallback, Auditor, AuthenticationEvent
 from ._client_auth import client_auth_from
 from ._context import AccessContext
 from ._discovery import Discovery
@@ -327,7 +327,7 @@ class DelegationMiddleware:
         stats.accepted += 1
         # A token's first acceptance is worth INFO; its every later request only DEBUG.
         if self._auditor.wants(logging.DEBUG if cached else logging.INFO):
-            self._audit(scope, None, digest, valid, cached=cached)
+            self._audit(scope, None, digest, valid, cached)
         return AccessContext(valid, token, digest, self._exchanger)
 
     def _refused(
@@ -341,7 +341,7 @@ class DelegationMiddleware:
     ) -> Answer:
         self._auditor.stats.rejected[answer.reason] += 1
         if self._auditor.wants(logging.INFO):
-            self._audit(scope, answer, digest, valid, cached=cached)
+            self._audit(scope, answer, digest, valid, cached)
         return answer
 
     def _audit(
@@ -350,23 +350,32 @@ class DelegationMiddleware:
         answer: Answer | None,
         digest: bytes | None,
         valid: ValidToken | None,
-        *,
-        cached: bool = False,
+        cached: bool,
     ) -> None:
-        event = AuthenticationEvent(
-            at=_clock.now(),
-            outcome="accepted" if answer is None else "rejected",
-            reason=None if answer is None else answer.reason,
-            status=200 if answer is None else answer.status,
-            subject=None if valid is None else valid.subject,
-            client_id=None if valid is None else client_id_of(valid.claims),
-            token_id=None if digest is None else digest.hex()[:16],
-            path=scope["path"],
-            cached=cached,
+        accepted = answer is None
+        # tuple.__new__ skips the NamedTuple's Python-level __new__: this runs once per request.
+        event: AuthenticationEvent = tuple.__new__(
+            AuthenticationEvent,
+            (
+                _clock.now(),
+                "accepted" if accepted else "rejected",
+                None if answer is None else answer.reason,
+                200 if answer is None else answer.status,
+                None if valid is None else valid.subject,
+                None if valid is None else valid.client_id,
+                valid.token_id
+                if valid is not None
+                else None
+                if digest is None
+                else digest[:8].hex(),
+                scope["path"],
+                cached,
+            ),
         )
-        level = logging.DEBUG if answer is None and cached else logging.INFO
-        verdict = "accepted" if answer is None else f"rejected ({answer.reason})"
-        self._auditor.emit(level, event, f"authentication {verdict}: {scope['path']}")
+        level = logging.DEBUG if accepted and cached else logging.INFO
+        self._auditor.emit(
+            level, event, "authentication %s: %s", event.reason or "accepted", event.path
+        )
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters: requests by outcome, cache hits and misses, exchanges by

@@ -66,6 +66,9 @@ class ValidToken:
     claims: Mapping[str, Any]
     scopes: frozenset[str]
     usable_until: float
+    # For audit events, worked out once per token rather than once per request:
+    client_id: str | None  # the ``client_id`` or ``azp`` claim
+    token_id: str  # the first 16 hex digits of the token's SHA-256
 
 
 def _b64decode(segment: bytes) -> bytes:
@@ -226,7 +229,12 @@ class TokenValidator:
             verified = False
         if not verified:
             raise InvalidToken("bad_signature")
-        return ValidToken(subject, _frozen(claims), scopes, usable_until)
+        client_id = next(
+            (v for v in (claims.get("client_id"), claims.get("azp")) if isinstance(v, str)), None
+        )
+        return ValidToken(
+            subject, _frozen(claims), scopes, usable_until, client_id, digest[:8].hex()
+        )
 
     def _check_claims(self, claims: dict[str, Any]) -> tuple[str, frozenset[str], float]:
         """The subject, the scopes and the end of validity; raises :class:`InvalidToken`."""
