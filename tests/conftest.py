@@ -190,6 +190,16 @@ def token(auth: LocalAuthorizationServer) -> str:
     return auth.mint("alice", audience=RESOURCE, scope="read write")
 
 
+async def read_body(receive: Any) -> bytes:
+    """The whole request body, for test servers that look at what they are sent."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def fetches(auth: LocalAuthorizationServer, what: str) -> int:
     """How many times ``auth`` served its JWKS ("jwks") or metadata ("metadata")."""
     if what == "jwks":

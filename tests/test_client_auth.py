@@ -21,7 +21,7 @@ from joserfc.jwk import ECKey, RSAKey
 from asgi_delegation import ConfigurationError
 from asgi_delegation.testing import LocalAuthorizationServer
 
-from .conftest import GITHUB, GOOGLE, SLACK, Gateway
+from .conftest import GITHUB, GOOGLE, SLACK, Gateway, read_body
 
 #: Every character that needs care: ':' separates id and secret in Basic, ' ', '+', '/', '=' and
 #: '%' are special in form encoding and base64, and a non-ASCII letter.
@@ -48,12 +48,7 @@ class Recorder:
         if scope["type"] != "http" or scope["path"] != "/token":
             await self.auth(scope, receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         self.requests.append((headers, dict(parse_qsl(body.decode()))))
 

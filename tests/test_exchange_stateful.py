@@ -38,7 +38,7 @@ from hypothesis.stateful import (
 from asgi_delegation import DelegationMiddleware, ExchangeDenied, ExchangeError, Grant, _clock
 from asgi_delegation.testing import LocalAuthorizationServer, ScriptedAnswer
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, GITHUB, GOOGLE, RESOURCE, SLACK, Gateway
+from .conftest import CLIENT_ID, CLIENT_SECRET, GITHUB, GOOGLE, RESOURCE, SLACK, Gateway, read_body
 
 Key = tuple[str, str, str | None]  # (subject token, resource, normalized scope)
 
@@ -116,12 +116,7 @@ class GatedAuthorizationServer:
         if scope["type"] != "http" or scope["path"] != self.token_path:
             await self.auth(scope, receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         form = dict(parse_qsl(body.decode()))
         request = TokenRequest(
             form.get("subject_token", ""),

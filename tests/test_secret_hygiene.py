@@ -35,7 +35,7 @@ from asgi_delegation._audit import AuditEvent
 from asgi_delegation.testing import LocalAuthorizationServer, ScriptedAnswer
 from asgi_delegation.testing._serve import loopback_socket, serve_on
 
-from .conftest import CLIENT_ID, GITHUB, GOOGLE, RESOURCE, SLACK, Clock, echo_app
+from .conftest import CLIENT_ID, GITHUB, GOOGLE, RESOURCE, SLACK, Clock, echo_app, read_body
 
 #: A client secret that form encoding changes in every way: ':', ' ', '+', '/', '=', '%', '&'
 #: and a non-ASCII letter.
@@ -139,12 +139,7 @@ class Front:
         if scope["type"] != "http" or scope["path"] != "/token":
             await self.auth(scope, receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         form = dict(parse_qsl(body.decode()))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         self.forms.append(form)
