@@ -275,7 +275,12 @@ class Exchanger:
             return
         error = task.exception()
         if error is not None and not isinstance(error, ExchangeError):
-            logger.warning("refreshing a grant for %s ahead of expiry failed: %r", resource, error)
+            # Only the type: an unexpected exception's text is not known to be free of secrets.
+            logger.warning(
+                "refreshing a grant for %s ahead of expiry failed: %s",
+                resource,
+                type(error).__name__,
+            )
             return
         self._ended(context, resource, scope, started, "refresh", trace, error)
 
