@@ -7,6 +7,7 @@ exchanges the caller's token (RFC 8693) for upstream grants, lazily, cached and 
 
 from ._audit import AuthenticationEvent, ExchangeEvent, FetchEvent
 from ._context import AccessContext
+from ._current import current_access_context
 from ._decorator import grant
 from ._errors import (
     ConfigurationError,
@@ -33,5 +34,6 @@ __all__ = [
     "ExchangeUnavailable",
     "FetchEvent",
     "Grant",
+    "current_access_context",
     "grant",
 ]

@@ -76,6 +76,7 @@ def _challenge(params: Iterable[tuple[str, str]]) -> tuple[bytes, bytes]:
 class Answers:
     def __init__(self, resource_metadata_url: str, required_scopes: Iterable[str]) -> None:
         self._metadata = ("resource_metadata", resource_metadata_url)
+        required_scopes = tuple(required_scopes)
         self._scope = " ".join(required_scopes)
         params = [self._metadata]
         if self._scope:
@@ -84,7 +85,8 @@ class Answers:
             401, "unauthorized", "A bearer token is required", [_challenge(params)], "missing"
         )
         self._invalid_token = {reason: self._build_invalid_token(reason) for reason in REASONS}
-        self.insufficient_scope = self._build_insufficient_scope(self._scope)
+        self._insufficient: dict[tuple[str, ...], Answer] = {}
+        self.insufficient_scope = self.insufficient_scope_for(required_scopes)
 
     def invalid_token(self, reason: str) -> Answer:
         return self._invalid_token[reason]
@@ -96,12 +98,19 @@ class Answers:
         )
         return Answer(401, "invalid_token", description, [header], reason)
 
-    def _build_insufficient_scope(self, scope: str) -> Answer:
+    def insufficient_scope_for(self, scopes: tuple[str, ...]) -> Answer:
+        """403 naming every scope needed (RFC 6750 3.1): what MCP clients step up to."""
+        answer = self._insufficient.get(scopes)
+        if answer is None:  # one per tool at most: the scopes come from configuration
+            answer = self._insufficient[scopes] = self._build_insufficient_scope(scopes)
+        return answer
+
+    def _build_insufficient_scope(self, scopes: tuple[str, ...]) -> Answer:
         description = "The access token lacks a required scope"
         header = _challenge(
             [
                 ("error", "insufficient_scope"),
-                ("scope", scope),
+                ("scope", " ".join(scopes)),
                 ("error_description", description),
                 self._metadata,
             ]
@@ -109,9 +118,9 @@ class Answers:
         return Answer(403, "insufficient_scope", description, [header], "insufficient_scope")
 
     @staticmethod
-    def invalid_request(description: str) -> Answer:
+    def invalid_request(description: str, reason: str = "invalid_request") -> Answer:
         header = _challenge([("error", "invalid_request"), ("error_description", description)])
-        return Answer(400, "invalid_request", description, [header], "invalid_request")
+        return Answer(400, "invalid_request", description, [header], reason)
 
     @staticmethod
     def unavailable(retry_after: int) -> Answer:

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
 from ._context import AccessContext
+from ._current import current_access_context
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -16,8 +17,12 @@ R = TypeVar("R")
 def grant(
     *resources: str, scope: str | None = None
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
-    """Decorate an async endpoint (``async def endpoint(request)``) so that grants for every
-    listed resource are exchanged concurrently before its body runs.
+    """Decorate an async endpoint so that grants for every listed resource are exchanged
+    concurrently before its body runs.
+
+    The access context is taken from an argument (a Starlette request or WebSocket, or the
+    :class:`AccessContext` itself), else from :func:`current_access_context`: so Quart views,
+    MCP tools taking a ``Context`` and FastAPI endpoints work too.
 
     Failures do not raise: they are recorded on the access context, where the endpoint finds
     them with ``has_errors()`` / ``get_errors()``, and ``access(resource)`` raises them.
@@ -48,7 +53,10 @@ def _context_in(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> AccessConte
             context = scope.get("state", {}).get("access_context")
             if isinstance(context, AccessContext):
                 return context
-    raise LookupError(
-        "@grant found no access context: the endpoint must take the request (or the "
-        "AccessContext) as an argument, and run behind DelegationMiddleware"
-    )
+    try:
+        return current_access_context()
+    except LookupError:
+        raise LookupError(
+            "@grant found no access context: the endpoint must run in a request that "
+            "DelegationMiddleware authenticated"
+        ) from None

@@ -2,12 +2,18 @@
 
 The document and its URLs come from configuration only, never from the ``Host`` header, so a
 client cannot make the server advertise an authorization server of the client's choosing.
+
+Mounted under a prefix (a Starlette ``Mount``, a server's ``--root-path``), the middleware never
+sees requests for the host's root ``/.well-known/`` URLs: it then serves the metadata under
+its mount and advertises that URL in its challenges, on the configured origin. MCP clients
+follow the ``resource_metadata`` URL of the challenge, wherever it is.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from urllib.parse import quote
 
 from ._types import Send
 from ._urls import url_path, well_known_urls
@@ -24,7 +30,9 @@ class ResourceMetadata:
     def __init__(self, resource: str, issuer: str, scopes: Iterable[str]) -> None:
         self.url, _ = well_known_urls(resource, "oauth-protected-resource")
         root_path = "/.well-known/oauth-protected-resource"
-        self.paths = frozenset({root_path, root_path + url_path(resource).rstrip("/")})
+        self._suffixed = root_path + url_path(resource).rstrip("/")
+        self.paths = frozenset({root_path, self._suffixed})
+        self._origin = self.url[: -len(self._suffixed)]
         document = {
             "resource": resource,
             "authorization_servers": [issuer],
@@ -41,6 +49,10 @@ class ResourceMetadata:
             ],
             body,
         )
+
+    def url_under(self, mount: str) -> str:
+        """The metadata URL when the middleware is mounted at ``mount`` (a root_path)."""
+        return self._origin + quote(mount.rstrip("/"), safe="/-._~!$&'()*+,;=:@") + self._suffixed
 
     async def serve(self, method: str, send: Send) -> None:
         if method in ("GET", "HEAD"):

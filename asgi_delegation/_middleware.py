@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from hashlib import sha256
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -19,14 +19,17 @@ from ._answers import Answer, Answers
 from ._audit import AuditCallback, Auditor, AuthenticationEvent
 from ._client_auth import client_auth_from
 from ._context import AccessContext
+from ._current import _current
 from ._discovery import Discovery
 from ._errors import ConfigurationError
 from ._exchange import TARGETS, Exchanger, Policy
 from ._jwks import ALGORITHM_KEYS, JWKS
+from ._mcp_principal import sdk_principal
 from ._metadata import ResourceMetadata
 from ._otel import telemetry
 from ._refresh import Unavailable
 from ._tokens import InvalidToken, TokenValidator, ValidToken
+from ._tool_scopes import ToolScopes
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from ._urls import secure_url
 
@@ -63,6 +66,14 @@ def _scopes(value: Iterable[str], what: str) -> tuple[str, ...]:
     return scopes
 
 
+def _tool_scopes(value: Mapping[str, Iterable[str]]) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError("tool_scopes must map tool names to lists of scopes")
+    if not all(isinstance(tool, str) and tool for tool in value):
+        raise ConfigurationError("tool_scopes keys must be tool names")
+    return {tool: _scopes(scopes, f"tool_scopes[{tool!r}]") for tool, scopes in value.items()}
+
+
 def _algorithms(value: Iterable[str]) -> frozenset[str]:
     algorithms = frozenset(value)
     for alg in algorithms:
@@ -95,12 +106,15 @@ class DelegationMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        # Any ASGI application, however its callable is typed (Starlette's types, asgiref's
+        # TypedDicts as Quart uses, none): the middleware passes on what the server gives it.
+        app: Callable[..., Awaitable[None]],
         *,
         issuer: str,
         resource: str,
         audience: str | Iterable[str] | None = None,
         required_scopes: Iterable[str] = (),
+        tool_scopes: Mapping[str, Iterable[str]] | None = None,
         scopes_supported: Iterable[str] | None = None,
         public_paths: Iterable[str] = (),
         algorithms: Iterable[str] = DEFAULT_ALGORITHMS,
@@ -132,7 +146,7 @@ class DelegationMiddleware:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:
-        self.app = app
+        self.app: ASGIApp = app
         issuer = secure_url(issuer, "issuer")
         if urlsplit(issuer).query:
             raise ConfigurationError("issuer must not have a query")
@@ -145,9 +159,13 @@ class DelegationMiddleware:
             audiences = frozenset(audience)
         if not audiences or not all(isinstance(a, str) and a for a in audiences):
             raise ConfigurationError("audience must be a non-empty string or list of strings")
-        self._required = frozenset(_scopes(required_scopes, "required_scopes"))
-        supported = _scopes(
-            required_scopes if scopes_supported is None else scopes_supported, "scopes_supported"
+        required = _scopes(required_scopes, "required_scopes")
+        self._required = frozenset(required)
+        tools = _tool_scopes(tool_scopes or {})
+        # Tool scopes stay out by default: MCP clients ask for every advertised scope when the
+        # challenge names none, and a tool's scope is better asked for by step-up, when needed.
+        supported = (
+            required if scopes_supported is None else _scopes(scopes_supported, "scopes_supported")
         )
         self._public_exact, self._public_prefixes = self._public_paths(public_paths)
         timeout = _bounded(http_timeout, "http_timeout", 0.1, 120)
@@ -229,6 +247,9 @@ class DelegationMiddleware:
         )
         self._metadata = ResourceMetadata(resource, issuer, supported)
         self._answers = Answers(self._metadata.url, sorted(self._required))
+        self._mounted: dict[str, Answers] = {}  # by root_path: the challenges name their URL
+        self._tools = ToolScopes(tools, sorted(self._required)) if tools else None
+        self._principal = sdk_principal(resource, token_cache_size)
 
     @staticmethod
     def _public_paths(paths: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -244,41 +265,60 @@ class DelegationMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "websocket":
-            await self._websocket(scope, receive, send)
-        elif scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind == "http" or kind == "websocket":
+            await self._guard(scope, receive, send, kind == "http")
+        elif kind == "lifespan":
             await self.app(scope, receive, self._closing_client_on_shutdown(send))
         else:
             await self.app(scope, receive, send)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
-        if path in self._metadata.paths:
+    async def _guard(self, scope: Scope, receive: Receive, send: Send, http: bool) -> None:
+        path: str = scope["path"]
+        answers = self._answers
+        if scope.get("root_path"):
+            path, answers = self._within_mount(scope)
+        if http and path in self._metadata.paths:
             await self._metadata.serve(scope["method"], send)
             return
-        if self._is_public(path) or (scope["method"] == "OPTIONS" and _is_preflight(scope)):
+        if self._is_public(path) or (
+            http and scope["method"] == "OPTIONS" and _is_preflight(scope)
+        ):
             await self.app(scope, receive, send)
             return
-        outcome = await self._authenticate(scope)
+        outcome, receive = await self._authenticate(scope, receive, answers)
         if isinstance(outcome, Answer):
-            await outcome.send_http(send)
+            if http:
+                await outcome.send_http(send)
+            else:
+                await receive()  # the websocket.connect event, answered by the refusal
+                await outcome.refuse_websocket(send)
             return
         scope.setdefault("state", {})["access_context"] = outcome
-        await self.app(scope, receive, send)
+        current = _current.set(outcome)
+        principal = self._principal
+        if principal is not None:
+            entered = principal.enter(scope, outcome)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if principal is not None:
+                principal.exit(entered)
+            _current.reset(current)
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._is_public(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        outcome = await self._authenticate(scope)
-        if isinstance(outcome, Answer):
-            await receive()  # the websocket.connect event, answered by the refusal
-            await outcome.refuse_websocket(send)
-            return
-        scope.setdefault("state", {})["access_context"] = outcome
-        await self.app(scope, receive, send)
+    def _within_mount(self, scope: Scope) -> tuple[str, Answers]:
+        """The path as the wrapped application routes it, and the answers naming the metadata
+        URL that reaches this middleware, when it is mounted under a prefix (``root_path``)."""
+        path: str = scope["path"]
+        mount: str = scope["root_path"]
+        if not path.startswith(mount):
+            return path, self._answers
+        answers = self._mounted.get(mount)
+        if answers is None:
+            answers = Answers(self._metadata.url_under(mount), sorted(self._required))
+            if len(self._mounted) < 16:  # an application is mounted in one place or a few
+                self._mounted[mount] = answers
+        return path[len(mount) :] or "/", answers
 
     def _is_public(self, path: str) -> bool:
         if path in self._public_exact:
@@ -287,26 +327,29 @@ class DelegationMiddleware:
             return False
         return path.startswith(self._public_prefixes)
 
-    async def _authenticate(self, scope: Scope) -> AccessContext | Answer:
+    async def _authenticate(
+        self, scope: Scope, receive: Receive, answers: Answers
+    ) -> tuple[AccessContext | Answer, Receive]:
+        """The access context or the refusal, and the ``receive`` to go on with."""
         header = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if header is not None:
-                    return self._refused(scope, _TWO_HEADERS)
+                    return self._refused(scope, _TWO_HEADERS), receive
                 header = value
         query = scope["query_string"]
         # The name may arrive percent-encoded (access%5Ftoken): then only parsing can tell.
         if (b"access_token" in query or b"%" in query) and _query_has_token(query):
             answer = _TOKEN_IN_HEADER_AND_QUERY if header is not None else _TOKEN_IN_QUERY
-            return self._refused(scope, answer)
+            return self._refused(scope, answer), receive
         if header is None:
-            return self._refused(scope, self._answers.missing)
+            return self._refused(scope, answers.missing), receive
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer":
-            return self._refused(scope, self._answers.missing)
+            return self._refused(scope, answers.missing), receive
         token = token.strip(b" ")
         if not token:
-            return self._refused(scope, _EMPTY_TOKEN)
+            return self._refused(scope, _EMPTY_TOKEN), receive
         digest = sha256(token).digest()
         stats = self._auditor.stats
         valid = self._validator.cached(digest)
@@ -316,19 +359,26 @@ class DelegationMiddleware:
             try:
                 valid = await self._validator.validate(token, digest)
             except InvalidToken as exc:
-                return self._refused(scope, self._answers.invalid_token(exc.reason), digest)
+                answer = answers.invalid_token(exc.reason)
+                return self._refused(scope, answer, digest), receive
             except Unavailable as exc:
-                return self._refused(scope, Answers.unavailable(exc.retry_after), digest)
+                return self._refused(scope, Answers.unavailable(exc.retry_after), digest), receive
         else:
             stats.token_hits += 1
         if not self._required <= valid.scopes:
-            answer = self._answers.insufficient_scope
-            return self._refused(scope, answer, digest, valid, cached=cached)
+            answer = answers.insufficient_scope
+            return self._refused(scope, answer, digest, valid, cached=cached), receive
+        if self._tools is not None and scope["type"] == "http" and scope["method"] == "POST":
+            refusal, receive = await self._tools.check(scope, receive, valid.scopes)
+            if isinstance(refusal, tuple):
+                refusal = answers.insufficient_scope_for(refusal)
+            if refusal is not None:
+                return self._refused(scope, refusal, digest, valid, cached=cached), receive
         stats.accepted += 1
         # A token's first acceptance is worth INFO; its every later request only DEBUG.
         if self._auditor.wants(logging.DEBUG if cached else logging.INFO):
             self._audit(scope, None, digest, valid, cached)
-        return AccessContext(valid, token, digest, self._exchanger)
+        return AccessContext(valid, token, digest, self._exchanger), receive
 
     def _refused(
         self,

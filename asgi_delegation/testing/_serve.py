@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -71,3 +72,33 @@ async def serve_on(
     finally:
         server.should_exit = True
         await anyio.to_thread.run_sync(thread.join)
+
+
+@asynccontextmanager
+async def serve(app: Any, sock: socket.socket, *, lifespan: Lifespan = "on") -> AsyncIterator[None]:
+    """Serve ``app`` with uvicorn on ``sock`` (from :func:`loopback_socket`) in the current
+    event loop until the block ends; its lifespan runs first unless ``lifespan="off"``.
+
+    No thread, unlike :func:`serve_on`: applications that compile code while serving
+    (pydantic models, the MCP SDKs) can meet a spurious ``SystemError`` on CPython 3.11 (AST
+    recursion depth mismatch, gh-106905) when a second thread compiles at the same time.
+    """
+    try:
+        import uvicorn
+    except ImportError:
+        raise RuntimeError(
+            "serving on a loopback port needs uvicorn: pip install 'asgi-delegation[serve]'"
+        ) from None
+
+    server = uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning"))
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        while not server.started:  # startup (lifespan included) runs in this loop
+            if task.done():
+                task.result()
+                raise RuntimeError("the server stopped during startup")
+            await asyncio.sleep(0.001)
+        yield
+    finally:
+        server.should_exit = True
+        await task

@@ -1,7 +1,9 @@
 """LocalAuthorizationServer: an authorization server as a plain ASGI application.
 
 It publishes RFC 8414 and OpenID Connect metadata and a JWKS (with key rotation), and mints
-access tokens with any claims and any header, including broken ones on purpose. Use it in
+access tokens with any claims and any header, including broken ones on purpose. Its token
+endpoint does token exchange and the client-credentials grant (which MCP clients use to get
+a token by themselves), and clients may register dynamically (RFC 7591). Use it in
 process (``http_client()``) or on a loopback port (``serve()``).
 """
 
@@ -28,13 +30,16 @@ from .._types import Receive, Scope, Send
 from .._urls import secure_url, url_path, well_known_urls
 from ._serve import loopback_socket, running_on, serve_on
 from ._token_endpoint import (
+    AUTH_METHODS,
+    CLIENT_CREDENTIALS,
     TOKEN_EXCHANGE,
     Client,
     OAuthError,
     ScriptedAnswer,
     authenticate,
-    exchange,
     parse_form,
+    register,
+    token_response,
 )
 
 SigningKey = RSAKey | ECKey | OKPKey
@@ -206,18 +211,20 @@ class LocalAuthorizationServer:
     # -- serving ----------------------------------------------------------------------------
 
     def metadata(self) -> dict[str, Any]:
-        """The RFC 8414 authorization server metadata document."""
+        """The RFC 8414 authorization server metadata document.
+
+        ``authorization_endpoint`` is published because MCP clients require the member; no
+        user is there to log in, so it answers every request with ``unsupported_response_type``.
+        """
         base = self.issuer.rstrip("/")
         return {
             "issuer": self.issuer,
             "jwks_uri": f"{base}/jwks",
             "token_endpoint": f"{base}/token",
-            "grant_types_supported": [TOKEN_EXCHANGE],
-            "token_endpoint_auth_methods_supported": [
-                "client_secret_basic",
-                "client_secret_post",
-                "private_key_jwt",
-            ],
+            "registration_endpoint": f"{base}/register",
+            "authorization_endpoint": f"{base}/authorize",
+            "grant_types_supported": [TOKEN_EXCHANGE, CLIENT_CREDENTIALS],
+            "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
             "response_types_supported": [],
         }
 
@@ -235,6 +242,8 @@ class LocalAuthorizationServer:
             f"{path}/.well-known/openid-configuration": "metadata",
             f"{path}/jwks": "jwks",
             f"{path}/token": "token",
+            f"{path}/register": "register",
+            f"{path}/authorize": "authorize",
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -249,13 +258,15 @@ class LocalAuthorizationServer:
         self.requests[path] += 1
         route = self._routes().get(path)
         headers: dict[str, str] = {}
-        if route == "token" and self.fail_status is None:
-            await self._token(scope, receive, send)
+        if route in ("token", "register") and self.fail_status is None:
+            await self._post(route, scope, receive, send)
             return
         if self.fail_status is not None:
             status, document = self.fail_status, {"error": "temporarily_unavailable"}
         elif route == "metadata":
             status, document = 200, self.metadata()
+        elif route == "authorize":
+            status, document = 400, {"error": "unsupported_response_type"}
         elif route == "jwks":
             status, document = 200, self.jwks()
             if self.jwks_cache_control is not None:
@@ -264,7 +275,7 @@ class LocalAuthorizationServer:
             status, document = 404, {"error": "not_found"}
         await _send_json(send, status, document, headers)
 
-    async def _token(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _post(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
             await _send_json(send, 405, {"error": "invalid_request"}, {"allow": "POST"})
             return
@@ -284,15 +295,18 @@ class LocalAuthorizationServer:
                 await anyio.sleep(self.token_latency)
         finally:
             self.token_requests_in_flight -= 1
-        if self.token_answers:
+        if self.token_answers and route == "token":
             await _send_scripted(send, self.token_answers.pop(0))
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            form = parse_form(body)
-            self.exchanges.append(form)
-            client = authenticate(self, form, headers.get("authorization"))
-            status, document = 200, exchange(self, form, client)
+            if route == "register":
+                status, document = 201, register(self, body)
+            else:
+                form = parse_form(body)
+                self.exchanges.append(form)
+                client = authenticate(self, form, headers.get("authorization"))
+                status, document = 200, token_response(self, form, client)
         except OAuthError as exc:
             status = exc.status
             document = {"error": exc.error, "error_description": exc.description}

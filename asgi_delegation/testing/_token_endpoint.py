@@ -1,12 +1,15 @@
-"""The token endpoint of LocalAuthorizationServer: RFC 8693 token exchange, with client
-authentication (RFC 6749 2.3.1, RFC 7523), answering as a real server would."""
+"""The token endpoint of LocalAuthorizationServer: RFC 8693 token exchange and the
+client-credentials grant (RFC 6749 4.4, with RFC 8707 resources), with client authentication
+(RFC 6749 2.3.1, RFC 7523), answering as a real server would; and RFC 7591 registration."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import secrets
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +22,8 @@ if TYPE_CHECKING:
     from ._server import LocalAuthorizationServer
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+CLIENT_CREDENTIALS = "client_credentials"
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -134,10 +139,79 @@ def _unverified_issuer(assertion: str) -> str:
         return ""
 
 
-def exchange(server: LocalAuthorizationServer, form: dict[str, str], client: Client) -> Any:
-    """The token response for a token-exchange request; raises :class:`OAuthError`."""
-    if form.get("grant_type") != TOKEN_EXCHANGE:
-        raise OAuthError("unsupported_grant_type", "only token exchange is supported")
+def token_response(server: LocalAuthorizationServer, form: dict[str, str], client: Client) -> Any:
+    """The answer to a token request; raises :class:`OAuthError`."""
+    grant_type = form.get("grant_type")
+    if grant_type == TOKEN_EXCHANGE:
+        return _exchange(server, form, client)
+    if grant_type == CLIENT_CREDENTIALS:
+        return _client_credentials(server, form, client)
+    raise OAuthError("unsupported_grant_type", "only token exchange and client credentials are")
+
+
+def _client_credentials(
+    server: LocalAuthorizationServer, form: dict[str, str], client: Client
+) -> Any:
+    # A token for the client itself: the subject is the client (RFC 9068 2.2).
+    resource = form.get("resource")
+    requested = form.get("scope")
+    _check_scope(server, resource, requested)
+    claims: dict[str, Any] = {"client_id": client.client_id}
+    token = server.mint(client.client_id, audience=resource, scope=requested or None, claims=claims)
+    return _answer(token, 300, requested)
+
+
+def _check_scope(
+    server: LocalAuthorizationServer, target: str | None, requested: str | None
+) -> None:
+    grantable = server.grantable_scopes.get(target or "")
+    if requested and grantable is not None and not set(requested.split()) <= grantable:
+        raise OAuthError("invalid_scope", "the requested scope exceeds what may be granted")
+
+
+def _answer(token: str, expires_in: float, scope: str | None) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "access_token": token,
+        "issued_token_type": ACCESS_TOKEN_TYPE,
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+    }
+    if scope:
+        answer["scope"] = scope
+    return answer
+
+
+def register(server: LocalAuthorizationServer, body: bytes) -> Any:
+    """RFC 7591 dynamic registration: a new confidential client; raises :class:`OAuthError`."""
+    try:
+        metadata = json.loads(body)
+    except ValueError:
+        raise OAuthError("invalid_client_metadata", "the body is not JSON") from None
+    if not isinstance(metadata, dict):
+        raise OAuthError("invalid_client_metadata", "the body is not a JSON object")
+    method = metadata.get("token_endpoint_auth_method", "client_secret_basic")
+    if method not in ("client_secret_basic", "client_secret_post"):
+        raise OAuthError("invalid_client_metadata", "token_endpoint_auth_method is not supported")
+    grant_types = metadata.get("grant_types", [CLIENT_CREDENTIALS])
+    if not isinstance(grant_types, list) or not set(grant_types) <= {
+        TOKEN_EXCHANGE,
+        CLIENT_CREDENTIALS,
+    }:
+        raise OAuthError("invalid_client_metadata", "only client_credentials and token exchange")
+    client_id, secret = uuid.uuid4().hex, secrets.token_urlsafe(24)
+    server.register_client(client_id, secret=secret)
+    return {
+        **metadata,
+        "client_id": client_id,
+        "client_secret": secret,
+        "client_id_issued_at": int(time.time()),
+        "client_secret_expires_at": 0,
+        "token_endpoint_auth_method": method,
+        "grant_types": grant_types,
+    }
+
+
+def _exchange(server: LocalAuthorizationServer, form: dict[str, str], client: Client) -> Any:
     if form.get("subject_token_type") != ACCESS_TOKEN_TYPE:
         raise OAuthError("invalid_request", "subject_token_type must be an access token")
     subject = server.verify(form.get("subject_token", ""))
@@ -156,20 +230,10 @@ def exchange(server: LocalAuthorizationServer, form: dict[str, str], client: Cli
     if (subject["sub"], target) in server.unconsented:
         raise OAuthError("access_denied", "the user has not consented to this resource")
     requested = form.get("scope")
-    grantable = server.grantable_scopes.get(target)
-    if requested and grantable is not None and not set(requested.split()) <= grantable:
-        raise OAuthError("invalid_scope", "the requested scope exceeds what may be granted")
+    _check_scope(server, target, requested)
     expires_in = server.exchange_expires_in
     claims: dict[str, Any] = {"aud": target, "act": {"sub": client.client_id}}
     if requested:
         claims["scope"] = requested
     token = server.mint(subject["sub"], expires_in=expires_in, claims=claims)
-    answer: dict[str, Any] = {
-        "access_token": token,
-        "issued_token_type": ACCESS_TOKEN_TYPE,
-        "token_type": "Bearer",
-        "expires_in": expires_in,
-    }
-    if requested:
-        answer["scope"] = requested
-    return answer
+    return _answer(token, expires_in, requested)
