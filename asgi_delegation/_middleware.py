@@ -99,9 +99,11 @@ class DelegationMiddleware:
     """Authenticate every HTTP request and WebSocket handshake with a bearer JWT.
 
     Wrap any ASGI application. Requests with a valid token reach the application with an
-    :class:`AccessContext` at ``scope["state"]["access_context"]``; the others are answered here
-    with RFC 6750 challenges. The RFC 9728 protected resource metadata is served at
-    ``/.well-known/oauth-protected-resource`` (and its path-suffixed form).
+    :class:`AccessContext` at ``scope["state"]["access_context"]`` and from
+    :func:`current_access_context`; the others are answered here with RFC 6750 challenges. The
+    RFC 9728 protected resource metadata is served at ``/.well-known/oauth-protected-resource``
+    (and its path-suffixed form), under the mount when the middleware is mounted. With
+    ``tool_scopes``, MCP tool calls also need their tools' scopes.
     """
 
     def __init__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -34,15 +35,18 @@ def loopback_socket(host: str = "127.0.0.1", port: int = 0) -> Iterator[tuple[so
         yield sock, (f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}")
 
 
-def _started(app: Any, sock: socket.socket, lifespan: Lifespan) -> tuple[Any, threading.Thread]:
+def _uvicorn(app: Any, lifespan: Lifespan) -> Any:
     try:
         import uvicorn  # an optional dependency
     except ImportError:
         raise RuntimeError(
             "serving on a loopback port needs uvicorn: pip install 'asgi-delegation[serve]'"
         ) from None
+    return uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning"))
 
-    server = uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning"))
+
+def _started(app: Any, sock: socket.socket, lifespan: Lifespan) -> tuple[Any, threading.Thread]:
+    server = _uvicorn(app, lifespan)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     return server, thread
@@ -83,22 +87,30 @@ async def serve(app: Any, sock: socket.socket, *, lifespan: Lifespan = "on") -> 
     (pydantic models, the MCP SDKs) can meet a spurious ``SystemError`` on CPython 3.11 (AST
     recursion depth mismatch, gh-106905) when a second thread compiles at the same time.
     """
-    try:
-        import uvicorn
-    except ImportError:
-        raise RuntimeError(
-            "serving on a loopback port needs uvicorn: pip install 'asgi-delegation[serve]'"
-        ) from None
+    server = _uvicorn(app, lifespan)
+    ready = asyncio.Event()
+    startup = server.startup
 
-    server = uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning"))
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    async def startup_then_tell(sockets: Any = None) -> None:
+        await startup(sockets=sockets)
+        ready.set()
+
+    async def serving() -> None:
+        # uvicorn exits the process when startup fails; a task raising SystemExit would stop
+        # the caller's event loop. Said below as a RuntimeError instead.
+        with contextlib.suppress(SystemExit):
+            await server.serve(sockets=[sock])
+
+    server.startup = startup_then_tell  # uvicorn has no startup event to wait on
+    task = asyncio.ensure_future(serving())
+    started = asyncio.ensure_future(ready.wait())
     try:
-        while not server.started:  # startup (lifespan included) runs in this loop
-            if task.done():
-                task.result()
-                raise RuntimeError("the server stopped during startup")
-            await asyncio.sleep(0.001)
+        await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+        if not server.started:
+            await task
+            raise RuntimeError("the server stopped during its startup (see its log)")
         yield
     finally:
+        started.cancel()
         server.should_exit = True
         await task
