@@ -371,10 +371,15 @@ class DelegationMiddleware:
             answer = answers.insufficient_scope
             return self._refused(scope, answer, digest, valid, cached=cached), receive
         if self._tools is not None and scope["type"] == "http" and scope["method"] == "POST":
-            refusal, receive = await self._tools.check(scope, receive, valid.scopes)
-            if isinstance(refusal, tuple):
-                refusal = answers.insufficient_scope_for(refusal)
+            refusal: Answer | tuple[str, ...] | None
+            needed = self._tools.from_headers(scope, valid.scopes)
+            if needed is True:  # no routing headers to trust: the body tells
+                refusal, receive = await self._tools.from_body(scope, receive, valid.scopes)
+            else:
+                refusal = needed
             if refusal is not None:
+                if not isinstance(refusal, Answer):
+                    refusal = answers.insufficient_scope_for(refusal)
                 return self._refused(scope, refusal, digest, valid, cached=cached), receive
         stats.accepted += 1
         # A token's first acceptance is worth INFO; its every later request only DEBUG.

@@ -21,7 +21,7 @@ import binascii
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from ._answers import Answer, Answers
 from ._types import Message, Receive, Scope
@@ -33,7 +33,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 _HEADERS_BINDING_SINCE = "2026-07-28"
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _BASE64_SENTINEL = re.compile(r"=\?base64\?([A-Za-z0-9+/]*={0,2})\?=")
-_ROUTING = (b"mcp-method", b"mcp-name", b"mcp-protocol-version")
+_ROUTING = frozenset({b"mcp-method", b"mcp-name", b"mcp-protocol-version"})
 _TOO_LARGE = Answer(413, "invalid_request", "The request body is too large", [], "body_too_large")
 _NOT_JSON = Answers.invalid_request("The request body is not valid JSON", "body_not_json")
 
@@ -49,32 +49,40 @@ class ToolScopes:
         for tool, scopes in tool_scopes.items():
             needed = tuple(dict.fromkeys((*required, *scopes)))
             self._needed[tool] = (frozenset(needed), needed)
+        self._versions: dict[bytes, bool] = {}
 
-    async def check(
+    def from_headers(self, scope: Scope, granted: frozenset[str]) -> Needed | Literal[True] | None:
+        """What the routing headers say: the scopes a ``tools/call`` of a listed tool needs
+        that the token's do not cover (all of them, to ask for), None when the call may go on,
+        or True when the headers cannot be trusted and the body must tell."""
+        method = name = version = None
+        repeated = False
+        for header, value in scope["headers"]:
+            if header in _ROUTING:
+                if header == b"mcp-method":
+                    repeated |= method is not None
+                    method = value
+                elif header == b"mcp-name":
+                    repeated |= name is not None
+                    name = value
+                else:
+                    repeated |= version is not None
+                    version = value
+        if repeated or method is None or not self._binding(version):
+            return True
+        if method != b"tools/call":
+            return None
+        return self._missing([_decode(name)], granted)
+
+    async def from_body(
         self, scope: Scope, receive: Receive, granted: frozenset[str]
     ) -> tuple[Needed | Answer | None, Receive]:
-        """The scopes a ``tools/call`` needs that the token's do not cover (all of them, to
-        ask for), an answer for a body that cannot be inspected, or None; and the ``receive``
-        the application must use from now on (a replay when the body was read)."""
-        headers: dict[bytes, bytes] = {}
-        repeated = False
+        """The same from the JSON-RPC body, or an answer for a body that cannot be inspected;
+        and the ``receive`` the application must use from now on (a replay of the body)."""
         content_type = b""
-        for name, value in scope["headers"]:
-            if name in _ROUTING:
-                repeated = repeated or name in headers
-                headers[name] = value
-            elif name == b"content-type":
+        for header, value in scope["headers"]:
+            if header == b"content-type":
                 content_type = value
-        version = headers.get(b"mcp-protocol-version", b"").decode("latin-1")
-        if (
-            not repeated
-            and b"mcp-method" in headers
-            and _DATE.fullmatch(version)
-            and version >= _HEADERS_BINDING_SINCE
-        ):
-            if headers[b"mcp-method"] != b"tools/call":
-                return None, receive
-            return self._missing([_decode(headers.get(b"mcp-name"))], granted), receive
         # The SDKs accept a media type list containing application/json: any mention of json
         # is read, so no body they would run reaches them unread.
         if b"json" not in content_type.lower():
@@ -89,6 +97,18 @@ class ToolScopes:
             return _NOT_JSON, replay
         return self._missing(_called_tools(document), granted), replay
 
+    def _binding(self, version: bytes | None) -> bool:
+        """Whether a revision makes servers check the routing headers against the body."""
+        if version is None:
+            return False
+        known = self._versions.get(version)
+        if known is None:
+            text = version.decode("latin-1")
+            known = bool(_DATE.fullmatch(text)) and text >= _HEADERS_BINDING_SINCE
+            if len(self._versions) < 64:  # a handful of revisions exist; clients choose
+                self._versions[version] = known
+        return known
+
     def _missing(self, tools: Iterable[str | None], granted: frozenset[str]) -> Needed | None:
         for tool in tools:
             needed = self._needed.get(tool) if tool is not None else None
@@ -102,6 +122,8 @@ def _decode(value: bytes | None) -> str | None:
     if value is None:
         return None
     text = value.decode("latin-1")
+    if not text.startswith("=?"):
+        return text
     sentinel = _BASE64_SENTINEL.fullmatch(text)
     if sentinel is None:
         return text
