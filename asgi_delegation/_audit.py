@@ -189,19 +189,21 @@ class Auditor:
         self._worker = loop.create_task(self._deliver(self._pending, self._wake))
 
     async def _deliver(self, pending: deque[AuditEvent], wake: asyncio.Event) -> None:
-        assert self._callback is not None
+        callback, stats = self._callback, self.stats
+        assert callback is not None
         while True:
             await wake.wait()
             wake.clear()
             while pending:
                 event = pending.popleft()
                 try:
-                    result = self._callback(event)
-                    if inspect.isawaitable(result):
+                    result = callback(event)
+                    # A sync callback returns None: no need to ask whether that is awaitable.
+                    if result is not None and inspect.isawaitable(result):
                         await result
-                    self.stats.delivered += 1
+                    stats.delivered += 1
                 except Exception:  # the callback's own failure: logged, never a request's
-                    self.stats.callback_errors += 1
+                    stats.callback_errors += 1
                     _errors.exception("the on_audit callback failed on a %s", type(event).__name__)
 
     def _stop_worker(self) -> None:

@@ -283,8 +283,10 @@ class DelegationMiddleware:
         if http and path in self._metadata.paths:
             await self._metadata.serve(scope["method"], send)
             return
-        if self._is_public(path) or (
-            http and scope["method"] == "OPTIONS" and _is_preflight(scope)
+        if (
+            path in self._public_exact
+            or (self._public_prefixes and self._under_public_prefix(path))
+            or (http and scope["method"] == "OPTIONS" and _is_preflight(scope))
         ):
             await self.app(scope, receive, send)
             return
@@ -322,12 +324,8 @@ class DelegationMiddleware:
                 self._mounted[mount] = answers
         return path[len(mount) :] or "/", answers
 
-    def _is_public(self, path: str) -> bool:
-        if path in self._public_exact:
-            return True
-        if not self._public_prefixes or _DOT_SEGMENT.search(path):
-            return False
-        return path.startswith(self._public_prefixes)
+    def _under_public_prefix(self, path: str) -> bool:
+        return not _DOT_SEGMENT.search(path) and path.startswith(self._public_prefixes)
 
     async def _authenticate(
         self, scope: Scope, receive: Receive, answers: Answers
