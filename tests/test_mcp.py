@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -450,3 +452,36 @@ async def test_the_sdk_principal_is_built_once_per_token_and_never_shows_it() ->
     for shown in (repr(access_token), str(access_token), repr(access_token.model_dump_json)):
         assert token not in shown
         assert token.split(".")[1] not in shown
+
+
+def test_without_the_sdk_in_use_nothing_of_it_is_imported_or_filled() -> None:
+    # A fresh interpreter: this one has imported the SDK already.
+    script = """
+import asyncio, sys
+import httpx
+from asgi_delegation import DelegationMiddleware
+from asgi_delegation.testing import LocalAuthorizationServer
+
+seen = []
+async def app(scope, receive, send):
+    seen.append(sorted(k for k in ("user", "auth") if k in scope))
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+async def main():
+    auth = LocalAuthorizationServer()
+    resource = "http://127.0.0.1:8000/mcp"
+    mw = DelegationMiddleware(app, issuer=auth.issuer, resource=resource,
+                              http_client=auth.http_client())
+    transport = httpx.ASGITransport(app=mw)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as c:
+        token = auth.mint("alice", audience=resource)
+        response = await c.get("/mcp", headers={"authorization": "Bearer " + token})
+    print(response.status_code, seen, "mcp" in sys.modules)
+
+asyncio.run(main())
+"""
+    done = subprocess.run(  # noqa: S603 - our own interpreter
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["204", "[[]]", "False"], done.stderr
