@@ -26,14 +26,17 @@ if TYPE_CHECKING:
 
 RESOURCE = "http://127.0.0.1:8000/mcp"  # this server, the audience of the user's token
 
-# What an MCP client sends with each request, minus the Authorization header added per token.
-_BASE_HEADERS: list[tuple[bytes, bytes]] = [
+# What an MCP client sends with each POST before the body's own headers and Authorization.
+CLIENT_HEADERS: list[tuple[bytes, bytes]] = [
     (b"host", b"127.0.0.1:8000"),
     (b"user-agent", b"python-httpx/0.28.1 mcp-client/1.0"),
     (b"accept", b"application/json, text/event-stream"),
     (b"accept-encoding", b"gzip, deflate"),
     (b"connection", b"keep-alive"),
     (b"content-type", b"application/json"),
+]
+# A session-mode request (revision 2025-06-18) of an 87-byte body, after Authorization.
+_SESSION_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-length", b"87"),
     (b"mcp-protocol-version", b"2025-06-18"),
     (b"mcp-session-id", b"4f0c2b9e7d1a4c3b8e6f5a2d1c0b9a87"),
@@ -77,7 +80,7 @@ def status_recorder() -> tuple[list[int], Send]:
 
 def headers_for(token: str) -> list[tuple[bytes, bytes]]:
     authorization = (b"authorization", b"Bearer " + token.encode())
-    return [*_BASE_HEADERS[:6], authorization, *_BASE_HEADERS[6:]]
+    return [*CLIENT_HEADERS, authorization, *_SESSION_HEADERS]
 
 
 def http_scope(headers: list[tuple[bytes, bytes]], path: str = "/mcp") -> Scope:

@@ -152,12 +152,7 @@ def tool_call_headers(token: str, *, modern: bool) -> list[tuple[bytes, bytes]]:
     revision 2026-07-28 on the routing headers and no session; before it, a session and no
     routing headers."""
     headers = [
-        (b"host", b"127.0.0.1:8000"),
-        (b"user-agent", b"python-httpx/0.28.1 mcp-client/1.0"),
-        (b"accept", b"application/json, text/event-stream"),
-        (b"accept-encoding", b"gzip, deflate"),
-        (b"connection", b"keep-alive"),
-        (b"content-type", b"application/json"),
+        *_common.CLIENT_HEADERS,
         (b"authorization", b"Bearer " + token.encode()),
         (b"content-length", str(len(TOOL_CALL)).encode()),
     ]
