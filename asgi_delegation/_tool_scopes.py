@@ -45,6 +45,7 @@ class ToolScopes:
     def __init__(self, tool_scopes: Mapping[str, Needed], required: Iterable[str]) -> None:
         """``tool_scopes``: already checked scope tokens by tool name. What a refusal names:
         the ``required`` scopes (needed for every request), then the tool's own."""
+        required = tuple(required)
         self._needed: dict[str, tuple[frozenset[str], Needed]] = {}
         for tool, scopes in tool_scopes.items():
             needed = tuple(dict.fromkeys((*required, *scopes)))
