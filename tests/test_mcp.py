@@ -290,10 +290,16 @@ async def test_mounted_under_a_prefix_the_metadata_url_reaches_the_middleware(
             client_id=CLIENT_ID,
             client_secret=CLIENT_SECRET,
         )
-        # Mount runs no lifespan of its own: the outer application runs the MCP app's.
-        outer = Starlette(
-            routes=[Mount("/tools", app=wrapped)], lifespan=lambda _: server.session_manager.run()
-        )
+
+        # A Mount passes no lifespan on: the outer application runs the MCP app's, and closes
+        # the middleware's HTTP client at shutdown.
+        @asynccontextmanager
+        async def lifespan(_: Starlette) -> AsyncIterator[None]:
+            async with server.session_manager.run():
+                yield
+            await wrapped.aclose()
+
+        outer = Starlette(routes=[Mount("/tools", app=wrapped)], lifespan=lifespan)
         async with serve(outer, sock):
             async with httpx.AsyncClient() as http:
                 refused = await http.post(resource, json={})
