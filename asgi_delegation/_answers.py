@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+from ._scopes import advertised
 from ._tokens import REASONS
 from ._types import Send
 
@@ -77,7 +78,7 @@ class Answers:
     def __init__(self, resource_metadata_url: str, required_scopes: Iterable[str]) -> None:
         self._metadata = ("resource_metadata", resource_metadata_url)
         required_scopes = tuple(required_scopes)
-        self._scope = " ".join(required_scopes)
+        self._scope = " ".join(advertised(required_scopes))
         params = [self._metadata]
         if self._scope:
             params.append(("scope", self._scope))
@@ -101,8 +102,12 @@ class Answers:
     def insufficient_scope_for(self, scopes: tuple[str, ...]) -> Answer:
         """403 naming every scope needed (RFC 6750 3.1): what MCP clients step up to."""
         answer = self._insufficient.get(scopes)
-        if answer is None:  # one per tool at most: the scopes come from configuration
-            answer = self._insufficient[scopes] = self._build_insufficient_scope(scopes)
+        if answer is None:
+            answer = self._build_insufficient_scope(scopes)
+            # One per tool, from configuration; a batch calling several tools names their
+            # union, and those combinations are the caller's choice: keep only so many.
+            if len(self._insufficient) < 256:
+                self._insufficient[scopes] = answer
         return answer
 
     def _build_insufficient_scope(self, scopes: tuple[str, ...]) -> Answer:
@@ -110,7 +115,7 @@ class Answers:
         header = _challenge(
             [
                 ("error", "insufficient_scope"),
-                ("scope", " ".join(scopes)),
+                ("scope", " ".join(advertised(scopes))),
                 ("error_description", description),
                 self._metadata,
             ]

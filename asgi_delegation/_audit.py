@@ -2,11 +2,13 @@
 
 Every inbound authentication, every exchange and every fetch from the authorization server
 becomes an immutable event. Events go to the ``asgi_delegation.audit`` logger (structured:
-``record.audit`` is the event as a dict) and to an optional ``on_audit`` callback, which runs
-in a task of its own behind a bounded queue: a slow or failing callback never slows or breaks
-a request; what does not fit in the queue is dropped and counted. Events carry subjects, client
-ids, resources and a short hash of the token for correlation, never a token or a secret.
-Events of level INFO and above also go to the OpenTelemetry sink when there is one (_otel.py).
+``record.audit`` is the event as a dict) and to an optional ``on_audit`` callback behind a
+bounded queue, taken from it in order by a task of its own: an async callback runs in that task,
+a sync one in a worker thread (one thread hop per batch of events). A slow, blocking or failing
+callback never slows or breaks a request; what does not fit in the queue is dropped and counted.
+Events carry subjects, client ids, resources and a short hash of the token for correlation,
+never a token or a secret. Events of level INFO and above also go to the OpenTelemetry sink when
+there is one (_otel.py).
 
 Log levels: authentications answered from the validated-token cache and grant-cache hits are
 DEBUG (one per request); a token's first acceptance, rejections, exchanges and fetches INFO;
@@ -16,6 +18,7 @@ failed exchanges and fetches WARNING.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -23,7 +26,10 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, Protocol, TypeAlias
 
+import anyio
+
 from . import _clock
+from ._callbacks import is_async
 
 logger = logging.getLogger("asgi_delegation.audit")
 _errors = logging.getLogger("asgi_delegation")
@@ -55,7 +61,8 @@ class ExchangeEvent(NamedTuple):
     scope: str | None
     outcome: str  #: "granted", "denied", "unavailable" or "not_allowed"
     #: "hit", "miss", "joined" (shared another call's request), "refresh", or "none" (refused
-    #: by allowed_resources or the policy before the cache was consulted)
+    #: by allowed_resources, for an expired subject token or by the policy before the cache was
+    #: consulted)
     cache: str
     latency_ms: float
     status: int | None  #: the token endpoint's last HTTP status, for the call that asked it
@@ -78,6 +85,10 @@ class FetchEvent(NamedTuple):
 
 AuditEvent: TypeAlias = AuthenticationEvent | ExchangeEvent | FetchEvent
 AuditCallback: TypeAlias = Callable[[AuditEvent], "Awaitable[None] | None"]
+
+
+async def _awaited(awaitable: Awaitable[None]) -> None:
+    await awaitable
 
 
 class Stats:
@@ -144,6 +155,7 @@ class Auditor:
     def __init__(self, on_audit: AuditCallback | None, telemetry: Telemetry | None = None) -> None:
         self.stats = Stats()
         self._callback = on_audit
+        self._in_thread = on_audit is not None and not is_async(on_audit)
         self._telemetry = telemetry
         if telemetry is not None:
             telemetry.observe(self.stats)
@@ -193,23 +205,54 @@ class Auditor:
         assert callback is not None
         while True:
             await wake.wait()
-            wake.clear()
             while pending:
+                if self._in_thread:
+                    # Abandoned if cancelled: a callback stuck in the thread must not hold up
+                    # the shutdown of the loop.
+                    await anyio.to_thread.run_sync(self._drain, pending, abandon_on_cancel=True)
+                    continue
                 event = pending.popleft()
                 try:
                     result = callback(event)
-                    # A sync callback returns None: no need to ask whether that is awaitable.
-                    if result is not None and inspect.isawaitable(result):
+                    if result is not None:
                         await result
                     stats.delivered += 1
                 except Exception:  # the callback's own failure: logged, never a request's
-                    stats.callback_errors += 1
-                    _errors.exception("the on_audit callback failed on a %s", type(event).__name__)
+                    self._failed(event)
+            # Cleared only once drained: while set, emit() need not wake the worker again.
+            wake.clear()
+
+    def _drain(self, pending: deque[AuditEvent]) -> None:
+        """In a worker thread: hand ``pending`` to the sync callback until it is empty,
+        events queued meanwhile included."""
+        callback, stats = self._callback, self.stats
+        assert callback is not None
+        while True:
+            try:
+                event = pending.popleft()  # atomic: the loop thread appends meanwhile
+            except IndexError:
+                return
+            try:
+                result = callback(event)
+                # A sync callback returns None: no need to ask whether that is awaitable.
+                if result is not None and inspect.isawaitable(result):
+                    anyio.from_thread.run(_awaited, result)
+                stats.delivered += 1
+            except Exception:
+                self._failed(event)
+
+    def _failed(self, event: AuditEvent) -> None:
+        self.stats.callback_errors += 1
+        _errors.exception("the on_audit callback failed on a %s", type(event).__name__)
 
     def _stop_worker(self) -> None:
         """Stop delivering; what is still queued counts as dropped."""
-        self.stats.dropped += len(self._pending)
-        self._pending = deque()
+        pending, self._pending = self._pending, deque()
+        # One by one: a worker thread may still be taking events from it.
+        with contextlib.suppress(IndexError):
+            while True:
+                pending.popleft()
+                self.stats.dropped += 1
         worker = self._worker
         if worker is not None and not worker.done() and not worker.get_loop().is_closed():
             worker.get_loop().call_soon_threadsafe(worker.cancel)

@@ -10,14 +10,17 @@ import base64
 import os
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote_plus
 
+import anyio
 from joserfc import jwt
 from joserfc.jwk import ECKey, OKPKey, RSAKey, import_key
 
 from ._errors import ConfigurationError
+from ._singleflight import SingleFlight
 
 _ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _ASSERTION_LIFETIME = 60
@@ -35,8 +38,10 @@ _DEFAULT_ALG = {
 class ClientAuth(Protocol):
     client_id: str
 
-    def apply(self, form: dict[str, str], headers: dict[str, str], token_endpoint: str) -> None:
-        """Add the client's credentials to a token request."""
+    async def apply(
+        self, form: dict[str, str], headers: dict[str, str], token_endpoint: str
+    ) -> None:
+        """Add the client's credentials to a token request (any file I/O off the event loop)."""
 
     def secrets(self) -> tuple[str, ...]:
         """What must never be repeated in logs or error messages."""
@@ -53,7 +58,9 @@ class SecretBasic:
         pair = f"{quote_plus(client_id, safe='')}:{quote_plus(client_secret, safe='')}"
         self._header = "Basic " + base64.b64encode(pair.encode()).decode()
 
-    def apply(self, form: dict[str, str], headers: dict[str, str], token_endpoint: str) -> None:
+    async def apply(
+        self, form: dict[str, str], headers: dict[str, str], token_endpoint: str
+    ) -> None:
         headers["Authorization"] = self._header
 
     def secrets(self) -> tuple[str, ...]:
@@ -72,7 +79,9 @@ class SecretPost:
         self.client_id = client_id
         self._secret = client_secret
 
-    def apply(self, form: dict[str, str], headers: dict[str, str], token_endpoint: str) -> None:
+    async def apply(
+        self, form: dict[str, str], headers: dict[str, str], token_endpoint: str
+    ) -> None:
         form["client_id"] = self.client_id
         form["client_secret"] = self._secret
 
@@ -92,7 +101,9 @@ class PrivateKeyJWT:
         self.client_id = client_id
         self._key, self._alg = _signing_key(private_key)
 
-    def apply(self, form: dict[str, str], headers: dict[str, str], token_endpoint: str) -> None:
+    async def apply(
+        self, form: dict[str, str], headers: dict[str, str], token_endpoint: str
+    ) -> None:
         now = int(time.time())
         claims = {
             "iss": self.client_id,
@@ -123,15 +134,17 @@ class AssertionFile:
     """A client assertion read from a file that something else keeps fresh (workload identity,
     e.g. a Kubernetes projected service account token); re-read whenever the file changes."""
 
-    __slots__ = ("_assertion", "_path", "_stamp", "client_id")
+    __slots__ = ("_assertion", "_path", "_reading", "_stamp", "client_id")
 
     def __init__(self, client_id: str, path: str | os.PathLike[str]) -> None:
         self.client_id = client_id
         self._path = Path(path)
         self._stamp: tuple[int, int, int, int] | None = None
         self._assertion = ""
+        self._reading: SingleFlight[str] = SingleFlight()
 
     def _current(self) -> str:
+        """The assertion, re-read if the file changed: blocking I/O, run in a worker thread."""
         try:
             stat = self._path.stat()
             # ctime too: a writer cannot set it back, even where mtime ticks coarsely.
@@ -145,11 +158,18 @@ class AssertionFile:
             raise OSError(f"cannot read the client assertion file {self._path}: {exc}") from None
         return self._assertion
 
-    def apply(self, form: dict[str, str], headers: dict[str, str], token_endpoint: str) -> None:
+    async def apply(
+        self, form: dict[str, str], headers: dict[str, str], token_endpoint: str
+    ) -> None:
+        # The file may be on a stalled network file system, or a FIFO: its I/O goes to a thread,
+        # one read at a time, so that a read that hangs holds one thread, not one per exchange,
+        # and each exchange waiting for it can still give up. Abandoned when its task is
+        # cancelled (the loop shutting down), since a blocked read cannot be interrupted.
+        read = partial(anyio.to_thread.run_sync, self._current, abandon_on_cancel=True)
         form.update(
             client_id=self.client_id,
             client_assertion_type=_ASSERTION_TYPE,
-            client_assertion=self._current(),
+            client_assertion=await self._reading.run(self._path, read),
         )
 
     def secrets(self) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._errors import ExchangeError
-from ._exchange import normalize_scope
+from ._exchange import check_subject, normalize_scope
 from ._grant import Grant
 from ._tokens import ValidToken
 
@@ -60,6 +60,17 @@ class AccessContext:
         return self._valid.scopes
 
     @property
+    def usable_until(self) -> float:
+        """Unix time until which the caller's token is accepted: its ``exp`` plus the leeway.
+        No grant is handed out for it after that, not even one obtained earlier."""
+        return self._valid.usable_until
+
+    def has_scope(self, scope: str) -> bool:
+        """Whether the token grants ``scope``, itself or through a broader scope that implies
+        it (the middleware's ``scope_hierarchy``)."""
+        return scope in self._valid.granted
+
+    @property
     def subject_token(self) -> str:
         """The caller's bearer token, for exchanges. Never log it."""
         return self._token.decode("ascii")
@@ -96,10 +107,12 @@ class AccessContext:
 
     def access(self, resource: str) -> Grant:
         """The grant obtained for ``resource`` earlier in this request (by ``@grant``,
-        :meth:`prefetch` or :meth:`exchange`); raises its :class:`ExchangeError` if it failed."""
+        :meth:`prefetch` or :meth:`exchange`); raises its :class:`ExchangeError` if it failed,
+        and :class:`ExchangeDenied` once the caller's token has expired."""
         if self._errors and resource in self._errors:
             raise self._errors[resource]
         if self._grants and resource in self._grants:
+            check_subject(self, resource)
             return self._grants[resource]
         raise LookupError(
             f"no grant for {resource} was requested in this request: "

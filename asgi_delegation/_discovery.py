@@ -11,11 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from ._audit import Auditor
 from ._errors import ConfigurationError
 from ._fetch import FetchError, fetch_json, max_age
+from ._http import HTTPClient
 from ._refresh import Refreshing
 from ._urls import secure_url, url_path, well_known_urls
 
@@ -52,12 +51,10 @@ def _optional_url(document: Mapping[str, Any], name: str) -> str | None:
 
 
 class Discovery:
-    def __init__(
-        self, issuer: str, client: httpx.AsyncClient, *, deadline: float, auditor: Auditor
-    ) -> None:
+    def __init__(self, issuer: str, http: HTTPClient, *, deadline: float, auditor: Auditor) -> None:
         self._issuer = issuer
         self._auditor = auditor
-        self._client = client
+        self._http = http
         self._deadline = deadline
         self._urls = discovery_urls(issuer)
         self._metadata = Refreshing("authorization server metadata", self._load)
@@ -71,7 +68,7 @@ class Discovery:
             started = time.perf_counter()
             try:
                 fetched = await fetch_json(
-                    self._client, url, deadline=self._deadline, max_bytes=MAX_BYTES
+                    self._http.get(), url, deadline=self._deadline, max_bytes=MAX_BYTES
                 )
                 document = fetched.document
                 if document.get("issuer") != self._issuer:

@@ -25,6 +25,8 @@ characters and of anything shaped like a token.
 
 from __future__ import annotations
 
+from ._printable import printable
+
 
 class DelegationError(Exception):
     """Base class of every exception asgi_delegation raises."""
@@ -56,7 +58,8 @@ class ExchangeError(DelegationError):
         self.error_description = error_description
         self.retry_after = retry_after
         detail = f": {error_description}" if error_description else ""
-        super().__init__(f"token exchange for {resource} failed with {error}{detail}")
+        # The resource may come from request data: no line breaks into whoever logs this.
+        super().__init__(f"token exchange for {printable(resource)} failed with {error}{detail}")
 
 
 class ExchangeDenied(ExchangeError):

@@ -4,7 +4,9 @@ Grants are cached per (subject token, resource, scope): the key holds a SHA-256 
 token, never the token, and a middleware has one client and one token endpoint, so no user,
 scope or audience can see another's grant. An entry is served until shortly before the grant
 expires; inside the refresh margin one background refresh runs while the still-valid grant is
-served. Failures are not cached.
+served; when it fails, a later hit tries again after a backoff. No grant is handed out after the
+subject token expires: its lifetime in the cache ends with the subject token's, and an exchange
+for an expired subject token is refused here. Failures are not cached.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import random
 import re
 import time
@@ -25,11 +28,15 @@ import httpx
 
 from . import _clock
 from ._audit import Auditor, ExchangeEvent
+from ._callbacks import is_async
 from ._client_auth import ClientAuth
 from ._discovery import Discovery
 from ._errors import ExchangeDenied, ExchangeError, ExchangeNotAllowed, ExchangeUnavailable
-from ._fetch import HEADERS, read_capped
+from ._fetch import HEADERS, BodyRefused, read_capped
 from ._grant import Grant
+from ._http import HTTPClient
+from ._loops import PerLoop, cancel
+from ._printable import printable
 from ._refresh import Unavailable
 from ._singleflight import SingleFlight
 from ._token_response import UNKNOWN_LIFETIME, error_from, grant_from
@@ -48,6 +55,7 @@ Policy: TypeAlias = "Callable[[AccessContext, str, str | None], bool | Awaitable
 _EXPIRY_SKEW = 5.0  # a grant this close to expiring is no longer handed out
 _MAX_BODY = 64 * 1024
 _BACKOFF_BASE, _BACKOFF_CAP, _RETRY_AFTER_CAP = 0.1, 2.0, 5.0
+_REFRESH_RETRY_BASE, _REFRESH_RETRY_CAP = 1.0, 30.0  # after a failed refresh ahead of expiry
 TARGET = re.compile(r"[\x21-\x7e]{1,2048}")
 
 
@@ -57,6 +65,13 @@ def normalize_scope(scope: str | None) -> str | None:
     if not isinstance(scope, str):
         raise TypeError("scope must be a space-separated string or None")
     return " ".join(sorted(set(scope.split()))) or None
+
+
+def check_subject(context: AccessContext, resource: str) -> None:
+    """Refuse, as the authorization server would, once the caller's token has expired: no grant
+    obtained with it is handed out after that, from the cache or not."""
+    if _clock.now() >= context.usable_until:
+        raise ExchangeDenied(resource, "invalid_grant", "the subject token has expired")
 
 
 class _Trace:
@@ -83,20 +98,21 @@ class _Answer(NamedTuple):
 
 
 class _Entry:
-    __slots__ = ("grant", "refresh_at", "refreshing", "stale_at")
+    __slots__ = ("backoff", "grant", "refresh_at", "refreshing", "stale_at")
 
     def __init__(self, grant: Grant, refresh_at: float, stale_at: float) -> None:
         self.grant = grant
         self.refresh_at = refresh_at
         self.stale_at = stale_at
         self.refreshing = False
+        self.backoff = _REFRESH_RETRY_BASE  # the wait before a retry, should a refresh fail
 
 
 class Exchanger:
     def __init__(
         self,
         discovery: Discovery,
-        client: httpx.AsyncClient,
+        http: HTTPClient,
         *,
         client_auth: ClientAuth | None,
         token_endpoint: str | None,
@@ -113,18 +129,20 @@ class Exchanger:
     ) -> None:
         self._auditor = auditor
         self._discovery = discovery
-        self._client = client
+        self._http = http
         self._client_auth = client_auth
         self._token_endpoint = token_endpoint
         self._target = target
         self._requested_token_type = requested_token_type
         self._allowed = allowed_resources
         self._policy = policy
+        self._policy_in_thread = policy is not None and not is_async(policy)
         self._cache: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._cache_size = cache_size
         self._refresh_margin = refresh_margin
         self._deadline = deadline
-        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        # Per loop: a slot held in a loop that stopped would never be given back.
+        self._limiter = PerLoop(partial(anyio.CapacityLimiter, max_concurrency))
         self._attempts = attempts
         self._flight: SingleFlight[Grant] = SingleFlight()
         self._background: set[asyncio.Task[Grant]] = set()
@@ -136,6 +154,7 @@ class Exchanger:
                 raise ExchangeNotAllowed(
                     resource, "not_allowed", "the resource is not one of the allowed_resources"
                 )
+            check_subject(context, resource)
             if self._policy is not None:
                 await self._ask_policy(context, resource, scope)
         except ExchangeError as exc:
@@ -149,7 +168,7 @@ class Exchanger:
                 self._cache.move_to_end(key)
                 if now >= entry.refresh_at and not entry.refreshing:
                     entry.refreshing = True
-                    self._refresh_in_background(key, context, resource, scope)
+                    self._refresh_in_background(key, entry, context, resource, scope)
                 self._auditor.stats.grant_cache["hit"] += 1
                 if self._auditor.wants(logging.DEBUG):
                     self._ended(context, resource, scope, started, "hit", _Trace(), None)
@@ -160,6 +179,7 @@ class Exchanger:
         work = partial(self._obtain, key, context, resource, scope, trace)
         try:
             grant = await self._flight.run(key, work)
+            check_subject(context, resource)  # it may have expired while the request was out
         except ExchangeError as exc:
             self._ended(context, resource, scope, started, cache, trace, exc)
             raise
@@ -193,12 +213,13 @@ class Exchanger:
         )
         if not self._auditor.wants(level):
             return
+        client_id = context.client_id
         event = ExchangeEvent(
             at=_clock.now(),
-            subject=context.subject,
-            client_id=context.client_id,
-            resource=resource,
-            scope=scope,
+            subject=printable(context.subject),
+            client_id=None if client_id is None else printable(client_id),
+            resource=printable(resource),
+            scope=None if scope is None else printable(scope),
             outcome=outcome,
             cache=cache,
             latency_ms=milliseconds,
@@ -206,7 +227,7 @@ class Exchanger:
             error=None if error is None else error.error,
             attempts=trace.attempts,
         )
-        self._auditor.emit(level, event, "exchange for %s %s (%s)", resource, outcome, cache)
+        self._auditor.emit(level, event, "exchange for %s %s (%s)", event.resource, outcome, cache)
 
     def forget(
         self, context: AccessContext, resource: str, scope: str | None, grant: Grant
@@ -219,11 +240,17 @@ class Exchanger:
 
     async def aclose(self) -> None:
         for task in list(self._background):
-            task.cancel()
+            if task.get_loop().is_closed():
+                self._background.discard(task)  # it will never run again, nor land
+            else:
+                cancel(task)
 
     async def _ask_policy(self, context: AccessContext, resource: str, scope: str | None) -> None:
         assert self._policy is not None
-        verdict = self._policy(context, resource, scope)
+        if self._policy_in_thread:  # a sync policy may block (a database, a file)
+            verdict = await anyio.to_thread.run_sync(self._policy, context, resource, scope)
+        else:
+            verdict = self._policy(context, resource, scope)
         if inspect.isawaitable(verdict):
             verdict = await verdict
         if verdict is not True:
@@ -239,27 +266,50 @@ class Exchanger:
     ) -> Grant:
         grant, seconds = await self._request(context.subject_token, resource, scope, trace)
         lifetime = UNKNOWN_LIFETIME if seconds is None else seconds
-        if lifetime > _EXPIRY_SKEW:
-            now = _clock.monotonic()
+        now = _clock.monotonic()
+        grant_ends = now + lifetime - _EXPIRY_SKEW
+        subject_ends = now + context.usable_until - _clock.now()
+        stale_at = min(grant_ends, subject_ends)
+        if stale_at > now:
             margin = min(self._refresh_margin, lifetime / 2)
-            self._cache[key] = _Entry(grant, now + lifetime - margin, now + lifetime - _EXPIRY_SKEW)
+            # Once the subject token ends first, a refreshed grant would end with it too.
+            refresh_at = now + lifetime - margin if grant_ends < subject_ends else math.inf
+            self._cache[key] = _Entry(grant, refresh_at, stale_at)
             self._cache.move_to_end(key)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return grant
 
     def _refresh_in_background(
-        self, key: Hashable, context: AccessContext, resource: str, scope: str | None
+        self,
+        key: Hashable,
+        entry: _Entry,
+        context: AccessContext,
+        resource: str,
+        scope: str | None,
     ) -> None:
         trace = _Trace()
         work = partial(self._obtain, key, context, resource, scope, trace)
         task = self._flight.start(key, work)
+        task.add_done_callback(partial(self._retry_unless_replaced, key, entry))
         if task not in self._background:
             self._background.add(task)
             started = time.perf_counter()
             task.add_done_callback(
                 partial(self._refreshed, context, resource, scope, started, trace)
             )
+
+    def _retry_unless_replaced(
+        self, key: Hashable, entry: _Entry, task: asyncio.Task[Grant]
+    ) -> None:
+        """Let a later hit refresh ``entry`` again, after a backoff, if this refresh did not
+        replace it (it failed, or its grant was too short-lived to cache)."""
+        if self._cache.get(key) is not entry:
+            return
+        delay = random.uniform(entry.backoff / 2, entry.backoff)  # noqa: S311 - jitter
+        entry.refresh_at = _clock.monotonic() + delay
+        entry.backoff = min(entry.backoff * 2, _REFRESH_RETRY_CAP)
+        entry.refreshing = False
 
     def _refreshed(
         self,
@@ -278,7 +328,7 @@ class Exchanger:
             # Only the type: an unexpected exception's text is not known to be free of secrets.
             logger.warning(
                 "refreshing a grant for %s ahead of expiry failed: %s",
-                resource,
+                printable(resource),
                 type(error).__name__,
             )
             return
@@ -334,7 +384,14 @@ class Exchanger:
             form = self._form(subject_token, resource, scope)
             headers = dict(HEADERS)
             try:
-                self._client_auth.apply(form, headers, endpoint)
+                with anyio.fail_after(max(give_up_at - anyio.current_time(), 0)):
+                    await self._client_auth.apply(form, headers, endpoint)
+            except TimeoutError:  # an OSError too: caught first
+                raise ExchangeUnavailable(
+                    resource,
+                    "temporarily_unavailable",
+                    f"the client credentials were not ready within {self._deadline:g} s",
+                ) from None
             except OSError as exc:
                 raise ExchangeUnavailable(resource, "temporarily_unavailable", str(exc)) from None
             started = time.perf_counter()
@@ -376,8 +433,8 @@ class Exchanger:
         try:
             with anyio.fail_after(max(give_up_at - anyio.current_time(), 0)):
                 async with (
-                    self._limiter,
-                    self._client.stream(
+                    self._limiter.get(),
+                    self._http.get().stream(
                         "POST", endpoint, data=form, headers=headers, follow_redirects=False
                     ) as response,
                 ):
@@ -388,14 +445,16 @@ class Exchanger:
                 "temporarily_unavailable",
                 f"the token endpoint gave no answer within {self._deadline:g} s",
             ) from None
-        except httpx.HTTPError as exc:
+        except BodyRefused as exc:
+            raise ExchangeUnavailable(
+                resource, "invalid_response", f"the token endpoint answered {exc}"
+            ) from None
+        except Exception as exc:
+            # Anything httpx or the network below it raises (not only httpx.HTTPError): named
+            # by its type alone, since its text may quote the request, which holds the token.
             return ExchangeUnavailable(
                 resource,
                 "temporarily_unavailable",
                 f"the token endpoint could not be reached ({type(exc).__name__})",
             )
-        except ValueError as exc:
-            raise ExchangeUnavailable(
-                resource, "invalid_response", f"the token endpoint answered {exc}"
-            ) from None
         return _Answer(response.status_code, response.headers, body)

@@ -21,6 +21,10 @@ class FetchError(Exception):
     """A document could not be fetched; the message is safe to log (URL and reason only)."""
 
 
+class BodyRefused(ValueError):
+    """:func:`read_capped` would not take a response body; the message says why."""
+
+
 @dataclass(frozen=True, slots=True)
 class Fetched:
     document: dict[str, Any]
@@ -61,18 +65,18 @@ def parse_json_object(raw: bytes, *, unique_keys: bool = False) -> dict[str, Any
 async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     """The body of a streamed response, refusing compressed bodies and more than ``max_bytes``.
 
-    Raises ``ValueError`` with the reason."""
+    Raises :class:`BodyRefused` with the reason."""
     # Compressed bodies could expand past the cap inside one chunk: refuse them.
     if response.headers.get("content-encoding", "identity").lower() != "identity":
-        raise ValueError("a compressed body")
+        raise BodyRefused("a compressed body")
     length = response.headers.get("content-length", "")
     if length.isascii() and length.isdigit() and int(length) > max_bytes:
-        raise ValueError(f"more than {max_bytes} bytes")
+        raise BodyRefused(f"more than {max_bytes} bytes")
     body = bytearray()
     async for chunk in response.aiter_raw():
         body += chunk
         if len(body) > max_bytes:
-            raise ValueError(f"more than {max_bytes} bytes")
+            raise BodyRefused(f"more than {max_bytes} bytes")
     return bytes(body)
 
 
@@ -89,10 +93,12 @@ async def fetch_json(
                 cache_control = response.headers.get("cache-control", "")
     except TimeoutError:
         raise FetchError(f"GET {url} took longer than {deadline:g} s") from None
-    except httpx.HTTPError as exc:
-        raise FetchError(f"GET {url} failed: {type(exc).__name__}") from None
-    except ValueError as exc:
+    except BodyRefused as exc:
         raise FetchError(f"GET {url} answered {exc}") from None
+    except Exception as exc:
+        # Anything httpx or the network below it raises (not only httpx.HTTPError): named by
+        # its type alone, since its text may quote a URL's credentials.
+        raise FetchError(f"GET {url} failed: {type(exc).__name__}") from None
     if status != 200:
         raise FetchError(f"GET {url} answered HTTP {status}")
     try:

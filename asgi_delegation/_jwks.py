@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import httpx
 from cachetools import TTLCache
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
@@ -24,11 +23,18 @@ from . import _clock
 from ._audit import Auditor
 from ._discovery import Discovery
 from ._fetch import FetchError, fetch_json, max_age
+from ._http import HTTPClient
 from ._refresh import Refreshing
 
 MAX_BYTES = 512 * 1024  # of a JWKS document
 _MAX_KEYS = 64
-_MAX_KID_LENGTH = 256
+#: The longest ``kid`` accepted, in a token header or a published key: real ones are UUIDs,
+#: thumbprints or short names, far below this.
+MAX_KID_LENGTH = 256
+# What the kids confirmed absent may hold in all, counting each as its length plus this much
+# bookkeeping: forged kids must not buy memory.
+_ABSENT_BYTES = 256 * 1024
+_ABSENT_ENTRY_OVERHEAD = 100
 _DEFAULT_TTL = 600.0
 _MIN_TTL, _MAX_TTL = 60.0, 86400.0
 _MIN_RSA_BITS = 2048
@@ -104,8 +110,8 @@ def check_key(jwk: object, algorithms: Iterable[str]) -> SigningKey | str:
         return f"crv {_quoted(crv)}"
     if alg is not None and alg not in algorithms:
         return f"alg {_quoted(alg)} not accepted"
-    if kid is not None and (not isinstance(kid, str) or len(kid) > _MAX_KID_LENGTH):
-        return f"kid not a string of at most {_MAX_KID_LENGTH} characters"
+    if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH):
+        return f"kid not a string of at most {MAX_KID_LENGTH} characters"
     if kty == "RSA" and _rsa_bits(jwk.get("n")) < _MIN_RSA_BITS:
         return f"RSA under {_MIN_RSA_BITS} bits"
     try:
@@ -163,7 +169,7 @@ class JWKS:
     def __init__(
         self,
         discovery: Discovery,
-        client: httpx.AsyncClient,
+        http: HTTPClient,
         *,
         jwks_uri: str | None,
         algorithms: frozenset[str],
@@ -173,15 +179,18 @@ class JWKS:
     ) -> None:
         self._discovery = discovery
         self._auditor = auditor
-        self._client = client
+        self._http = http
         self._jwks_uri = jwks_uri
         self._algorithms = algorithms
         self._deadline = deadline
         self._cooldown = cooldown
         self._keys = Refreshing("JWKS", self._load)
         self._last_forced = -math.inf
-        self._absent: TTLCache[str, bool] = TTLCache(
-            maxsize=4096, ttl=max(cooldown, 1.0), timer=lambda: _clock.monotonic()
+        self._absent: TTLCache[str, int] = TTLCache(
+            maxsize=_ABSENT_BYTES,
+            ttl=max(cooldown, 1.0),
+            timer=lambda: _clock.monotonic(),
+            getsizeof=lambda size: size,
         )
 
     async def find(self, kid: str | None, alg: str) -> SigningKey | None:
@@ -199,7 +208,7 @@ class JWKS:
                 self._last_forced = started
             keys = await self._keys.get(force=True)
         if not keys.knows(kid):
-            self._absent[kid] = True
+            self._absent[kid] = len(kid) + _ABSENT_ENTRY_OVERHEAD
         return keys.find(kid, alg)
 
     async def _load(self) -> tuple[KeySet, float]:
@@ -212,7 +221,7 @@ class JWKS:
         started = time.perf_counter()
         try:
             fetched = await fetch_json(
-                self._client, uri, deadline=self._deadline, max_bytes=MAX_BYTES
+                self._http.get(), uri, deadline=self._deadline, max_bytes=MAX_BYTES
             )
         except FetchError as exc:
             self._auditor.fetched("jwks", uri, started, str(exc))

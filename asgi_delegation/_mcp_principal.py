@@ -54,16 +54,18 @@ class SdkPrincipal:
     def _build(self, context: AccessContext) -> tuple[Any, Any]:
         claims = _thawed(context.claims)
         exp = claims.get("exp")
+        # The SDK decides sufficiency on these: the scopes the token's imply count there too.
+        scopes = sorted(context._valid.granted)
         access_token = self._token_model(
             token=context.subject_token,
             client_id=context.client_id or "",
-            scopes=sorted(context.scopes),
+            scopes=scopes,
             expires_at=int(exp) if isinstance(exp, int | float) else None,
             resource=self._resource,
             subject=context.subject,
             claims=claims,
         )
-        pair = (self._user_class(access_token), self._credentials_class(sorted(context.scopes)))
+        pair = (self._user_class(access_token), self._credentials_class(scopes))
         # Keyed by the token's hash: the same token always yields the same objects.
         if len(self._built) >= self._cache_size:
             self._built.popitem(last=False)

@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable
 from urllib.parse import quote
 
+from ._scopes import advertised
 from ._types import Send
 from ._urls import url_path, well_known_urls
 
@@ -36,7 +37,7 @@ class ResourceMetadata:
         document = {
             "resource": resource,
             "authorization_servers": [issuer],
-            "scopes_supported": list(scopes),
+            "scopes_supported": list(advertised(scopes)),
             "bearer_methods_supported": ["header"],
         }
         body = json.dumps(document).encode()

@@ -23,11 +23,14 @@ from ._current import _current
 from ._discovery import Discovery
 from ._errors import ConfigurationError
 from ._exchange import TARGETS, Exchanger, Policy
+from ._http import HTTPClient
 from ._jwks import ALGORITHM_KEYS, JWKS
 from ._mcp_principal import sdk_principal
 from ._metadata import ResourceMetadata
 from ._otel import telemetry
+from ._printable import printable
 from ._refresh import Unavailable
+from ._scopes import implied_scopes, scope_list
 from ._tokens import InvalidToken, TokenValidator, ValidToken
 from ._tool_scopes import ToolScopes
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -51,19 +54,7 @@ DEFAULT_ALGORITHMS = (
     "ES512",
     "Ed25519",
 )
-# RFC 6749 scope-token characters: printable ASCII without space, '"' and '\'.
-SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
-
-
-def _scopes(value: Iterable[str], what: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        raise ConfigurationError(f"{what} must be a list of scopes, not a string")
-    scopes = tuple(dict.fromkeys(value))
-    for scope in scopes:
-        if not isinstance(scope, str) or not SCOPE_TOKEN.fullmatch(scope):
-            raise ConfigurationError(f"{what} holds a scope that is not an RFC 6749 scope token")
-    return scopes
 
 
 def _tool_scopes(value: Mapping[str, Iterable[str]]) -> dict[str, tuple[str, ...]]:
@@ -71,7 +62,7 @@ def _tool_scopes(value: Mapping[str, Iterable[str]]) -> dict[str, tuple[str, ...
         raise ConfigurationError("tool_scopes must map tool names to lists of scopes")
     if not all(isinstance(tool, str) and tool for tool in value):
         raise ConfigurationError("tool_scopes keys must be tool names")
-    return {tool: _scopes(scopes, f"tool_scopes[{tool!r}]") for tool, scopes in value.items()}
+    return {tool: scope_list(scopes, f"tool_scopes[{tool!r}]") for tool, scopes in value.items()}
 
 
 def _algorithms(value: Iterable[str]) -> frozenset[str]:
@@ -117,6 +108,7 @@ class DelegationMiddleware:
         audience: str | Iterable[str] | None = None,
         required_scopes: Iterable[str] = (),
         tool_scopes: Mapping[str, Iterable[str]] | None = None,
+        scope_hierarchy: Mapping[str, Iterable[str]] | None = None,
         scopes_supported: Iterable[str] | None = None,
         public_paths: Iterable[str] = (),
         algorithms: Iterable[str] = DEFAULT_ALGORITHMS,
@@ -161,13 +153,16 @@ class DelegationMiddleware:
             audiences = frozenset(audience)
         if not audiences or not all(isinstance(a, str) and a for a in audiences):
             raise ConfigurationError("audience must be a non-empty string or list of strings")
-        required = _scopes(required_scopes, "required_scopes")
+        required = scope_list(required_scopes, "required_scopes")
         self._required = frozenset(required)
         tools = _tool_scopes(tool_scopes or {})
+        implied = implied_scopes(scope_hierarchy)
         # Tool scopes stay out by default: MCP clients ask for every advertised scope when the
         # challenge names none, and a tool's scope is better asked for by step-up, when needed.
         supported = (
-            required if scopes_supported is None else _scopes(scopes_supported, "scopes_supported")
+            required
+            if scopes_supported is None
+            else scope_list(scopes_supported, "scopes_supported")
         )
         self._public_exact, self._public_prefixes = self._public_paths(public_paths)
         timeout = _bounded(http_timeout, "http_timeout", 0.1, 120)
@@ -204,17 +199,12 @@ class DelegationMiddleware:
         )
         sink = telemetry(opentelemetry, tracer_provider, meter_provider)
         # Every argument is checked by now: nothing below can fail and leave a client open.
-        self._owns_client = http_client is None
-        self._client = http_client or httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
-        )
+        self._http = HTTPClient(http_client, timeout=timeout)
         self._auditor = auditor = Auditor(on_audit, sink)
-        discovery = Discovery(issuer, self._client, deadline=timeout, auditor=auditor)
+        discovery = Discovery(issuer, self._http, deadline=timeout, auditor=auditor)
         jwks = JWKS(
             discovery,
-            self._client,
+            self._http,
             jwks_uri=jwks_uri,
             algorithms=accepted,
             deadline=timeout,
@@ -230,10 +220,11 @@ class DelegationMiddleware:
             max_bytes=max_token_bytes,
             require_at_jwt=require_at_jwt,
             cache_size=token_cache_size,
+            implied=implied,
         )
         self._exchanger = Exchanger(
             discovery,
-            self._client,
+            self._http,
             client_auth=credentials,
             token_endpoint=token_endpoint,
             target=exchange_target,
@@ -283,12 +274,15 @@ class DelegationMiddleware:
         if http and path in self._metadata.paths:
             await self._metadata.serve(scope["method"], send)
             return
-        if (
-            path in self._public_exact
-            or (self._public_prefixes and self._under_public_prefix(path))
-            or (http and scope["method"] == "OPTIONS" and _is_preflight(scope))
+        if path in self._public_exact or (
+            self._public_prefixes and self._under_public_prefix(path)
         ):
             await self.app(scope, receive, send)
+            return
+        if http and scope["method"] == "OPTIONS" and _is_preflight(scope):
+            # The application's CORS handling answers it, unauthenticated; an application that
+            # treats it as any other request must not hand out a body without a token.
+            await self.app(scope, receive, _without_body(send))
             return
         outcome, receive = await self._authenticate(scope, receive, answers)
         if isinstance(outcome, Answer):
@@ -365,16 +359,13 @@ class DelegationMiddleware:
                 return self._refused(scope, Answers.unavailable(exc.retry_after), digest), receive
         else:
             stats.token_hits += 1
-        if not self._required <= valid.scopes:
+        if not self._required <= valid.granted:
             answer = answers.insufficient_scope
             return self._refused(scope, answer, digest, valid, cached=cached), receive
-        if self._tools is not None and scope["type"] == "http" and scope["method"] == "POST":
-            refusal: Answer | tuple[str, ...] | None
-            needed = self._tools.from_headers(scope, valid.scopes)
-            if needed is True:  # no routing headers to trust: the body tells
-                refusal, receive = await self._tools.from_body(scope, receive, valid.scopes)
-            else:
-                refusal = needed
+        # Any spelling of POST: a server that normalizes the method must not skip the check.
+        tools = self._tools
+        if tools is not None and scope["type"] == "http" and scope["method"].upper() == "POST":
+            refusal, receive = await tools.check(scope, receive, valid.granted)
             if refusal is not None:
                 if not isinstance(refusal, Answer):
                     refusal = answers.insufficient_scope_for(refusal)
@@ -416,14 +407,14 @@ class DelegationMiddleware:
                 "accepted" if accepted else "rejected",
                 None if answer is None else answer.reason,
                 200 if answer is None else answer.status,
-                None if valid is None else valid.subject,
-                None if valid is None else valid.client_id,
+                None if valid is None else printable(valid.subject),
+                None if valid is None or valid.client_id is None else printable(valid.client_id),
                 valid.token_id
                 if valid is not None
                 else None
                 if digest is None
                 else digest[:8].hex(),
-                scope["path"],
+                printable(scope["path"]),
                 cached,
             ),
         )
@@ -438,12 +429,13 @@ class DelegationMiddleware:
         return self._auditor.stats.snapshot()
 
     async def aclose(self) -> None:
-        """Stop background grant refreshes and close the HTTP client the middleware created
-        (not one passed as ``http_client``). Done automatically at lifespan shutdown."""
+        """Stop background grant refreshes and close the HTTP client the middleware made for
+        the running event loop (never one passed as ``http_client``). Done automatically at
+        lifespan shutdown. The middleware goes on working: the next request that needs the
+        authorization server makes a new client. Safe to call again, and from any loop."""
         await self._exchanger.aclose()
         await self._auditor.aclose()
-        if self._owns_client:
-            await self._client.aclose()
+        await self._http.aclose()
 
     def _closing_client_on_shutdown(self, send: Send) -> Send:
         async def send_then_close(message: Message) -> None:
@@ -458,6 +450,25 @@ def _is_preflight(scope: Scope) -> bool:
     # A CORS preflight never carries credentials; the application's CORS handling answers it.
     names = {name for name, _ in scope["headers"]}
     return b"origin" in names and b"access-control-request-method" in names
+
+
+def _without_body(send: Send) -> Send:
+    """``send`` for a response that keeps its status and headers but carries no body."""
+
+    async def headers_only(message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            headers = [
+                (k, v) for k, v in message.get("headers", []) if k.lower() != b"content-length"
+            ]
+            message = {**message, "headers": [*headers, (b"content-length", b"0")]}
+        elif kind != "http.response.trailers":
+            if message.get("more_body", False):
+                return  # a body chunk, or a path or file to send (extensions): nothing goes
+            message = {"type": "http.response.body", "body": b"", "more_body": False}
+        await send(message)
+
+    return headers_only
 
 
 def _query_has_token(query: bytes) -> bool:

@@ -63,15 +63,17 @@ class Refreshing(Generic[T]):
         try:
             value, ttl = await self._load()
         except FetchError as exc:
-            now = _clock.monotonic()
-            self._retry_at = now + self._backoff
+            backoff = self._backoff
+            self._retry_at = _clock.monotonic() + backoff
             logger.warning(
-                "fetching the %s failed, next attempt in %.0f s: %s", self._name, self._backoff, exc
+                "fetching the %s failed, next attempt in %.0f s: %s", self._name, backoff, exc
             )
-            self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+            self._backoff = min(backoff * 2, _MAX_BACKOFF)
             if self.value is not None:
                 return self.value
-            raise Unavailable(self._retry_at - now) from None
+            # The backoff itself, not retry_at - now: that float difference can exceed it by an
+            # ulp, and ceil() would then announce one second more.
+            raise Unavailable(backoff) from None
         now = _clock.monotonic()
         self.value, self.loaded_at = value, now
         self._fresh_until = now + ttl

@@ -5,6 +5,7 @@ cancelled (its client went away, a timeout fired, the server is shutting down), 
 need the result. The work therefore runs in a task of its own, and every caller, the first one
 included, awaits it through ``asyncio.shield``: cancelling a caller cancels only its wait. The
 work must be bounded by its own deadline. Every waiter gets the work's result or its exception.
+A flight belongs to the event loop it started in: a caller in another loop starts its own.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ class SingleFlight(Generic[T]):
         self._flights: dict[Hashable, asyncio.Task[T]] = {}
 
     def in_flight(self, key: Hashable) -> bool:
-        return key in self._flights
+        task = self._flights.get(key)
+        return task is not None and _joinable(task)
 
     def start(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
         """The flight for ``key``: the one under way, or ``work()`` started now."""
         task = self._flights.get(key)
-        if task is None:
+        if task is None or not _joinable(task):
             task = asyncio.get_running_loop().create_task(work())
             self._flights[key] = task
             task.add_done_callback(lambda done: self._landed(key, done))
@@ -41,3 +43,9 @@ class SingleFlight(Generic[T]):
             del self._flights[key]
         if not task.cancelled():
             task.exception()  # retrieved: every caller may have gone, and that is fine
+
+
+def _joinable(task: asyncio.Task[Any]) -> bool:
+    # A task of another loop cannot be awaited in this one, and may never land: its loop may
+    # have ended with it under way.
+    return task.get_loop() is asyncio.get_running_loop()

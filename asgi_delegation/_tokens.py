@@ -22,7 +22,8 @@ from joserfc.jws import JWSRegistry
 
 from . import _clock
 from ._fetch import parse_json_object
-from ._jwks import JWKS
+from ._jwks import JWKS, MAX_KID_LENGTH
+from ._scopes import Implied, with_implied
 
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # Headers that point at keys (honouring any would let the token choose its own key), critical
@@ -64,7 +65,8 @@ class InvalidToken(Exception):
 class ValidToken:
     subject: str
     claims: Mapping[str, Any]
-    scopes: frozenset[str]
+    scopes: frozenset[str]  # as the token says
+    granted: frozenset[str]  # and those they imply: what sufficiency is decided on
     usable_until: float
     # For audit events, worked out once per token rather than once per request:
     client_id: str | None  # the ``client_id`` or ``azp`` claim
@@ -155,6 +157,7 @@ class TokenValidator:
         max_bytes: int,
         require_at_jwt: bool,
         cache_size: int,
+        implied: Implied,
     ) -> None:
         self._jwks = jwks
         self._issuer = issuer
@@ -168,6 +171,7 @@ class TokenValidator:
         # Oldest first: when full, the oldest entry goes (an OrderedDict pops it in O(1)).
         self._cache: OrderedDict[bytes, ValidToken] = OrderedDict()
         self._cache_size = cache_size
+        self._implied = implied
 
     def cached(self, digest: bytes) -> ValidToken | None:
         """The cached result for the token whose SHA-256 is ``digest``, if still usable."""
@@ -206,7 +210,8 @@ class TokenValidator:
         kid = header.get("kid", _ABSENT)
         if kid is _ABSENT:
             kid = None
-        elif not isinstance(kid, str):
+        elif not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH:
+            # Before any lookup: an unknown kid is remembered for a while, so its size counts.
             raise InvalidToken("malformed", "kid")
         # Claims are judged before the signature: they cost less to check than a signature.
         claims = _parse_segment(payload_segment)
@@ -233,7 +238,13 @@ class TokenValidator:
             (v for v in (claims.get("client_id"), claims.get("azp")) if isinstance(v, str)), None
         )
         return ValidToken(
-            subject, _frozen(claims), scopes, usable_until, client_id, digest[:8].hex()
+            subject,
+            _frozen(claims),
+            scopes,
+            with_implied(scopes, self._implied),
+            usable_until,
+            client_id,
+            digest[:8].hex(),
         )
 
     def _check_claims(self, claims: dict[str, Any]) -> tuple[str, frozenset[str], float]:

@@ -3,15 +3,23 @@
 The middleware refuses such a call with 403 ``insufficient_scope`` naming every scope needed,
 so a client that supports step-up asks the authorization server for them and retries.
 
-How the tool is found without touching what the application receives:
+The application, not the middleware, decides which tool runs, so the middleware must read
+every request the way any MCP server could, or refuse it. The rules, for every POST:
 
-- From protocol revision 2026-07-28 on, clients send ``Mcp-Method`` and ``Mcp-Name`` headers
-  and servers must reject a request whose headers disagree with its body. Those headers are
-  read and the body is left alone.
-- Earlier revisions send no such headers. Their POST bodies that claim to be JSON are read
-  (capped), the JSON-RPC message or batch is searched for ``tools/call``, and the exact bytes
-  are replayed to the application. A body that cannot be parsed is refused with 400: passing
-  it on would let a parser the middleware disagrees with decide which tool runs.
+- The body is what servers dispatch on, so it is always read (at most ``MAX_BODY_BYTES``, else
+  413) and replayed byte for byte. It is parsed as Python's ``json`` reads bytes (UTF-8, -16 or
+  -32, as the MCP SDK's stateless transport does), every ``tools/call`` in it is found, a batch
+  included, and each one's tool needs its scopes. A call whose tool cannot be told (no
+  ``params`` object, a name that is not a string) is refused with 400.
+- The ``Mcp-Method`` / ``Mcp-Name`` routing headers (revision 2026-07-28) name a tool too: its
+  scopes are needed as well, whatever the body says. Servers must refuse headers that disagree
+  with the body; needing both tools' scopes makes a server that does not still safe.
+- Refused with 400, because two readers could disagree about them: a repeated
+  ``Content-Type`` or routing header (the SDK reads the first, other code the last), duplicate
+  JSON member names (parsers keep the first or the last), and a compressed body (a server that
+  decompresses would see what the middleware did not).
+- A body that is not JSON is refused with 400, unless its one ``Content-Type`` names no JSON
+  media type: then no JSON-RPC server runs it, and it goes on (a form post, an upload).
 """
 
 from __future__ import annotations
@@ -21,127 +29,146 @@ import binascii
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 from ._answers import Answer, Answers
 from ._types import Message, Receive, Scope
 
-#: The body of a JSON-RPC POST read to find the tool, at most.
+#: The body of a POST read to find the tool, at most.
 MAX_BODY_BYTES = 4 * 1024 * 1024
-# The first revision whose servers reject Mcp-Method / Mcp-Name headers that disagree with
-# the body; a dated revision compares as a string.
-_HEADERS_BINDING_SINCE = "2026-07-28"
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_BASE64_SENTINEL = re.compile(r"=\?base64\?([A-Za-z0-9+/]*={0,2})\?=")
-_ROUTING = frozenset({b"mcp-method", b"mcp-name", b"mcp-protocol-version"})
+_BASE64_SENTINEL = re.compile(r"=\?base64\?(.*)\?=", re.DOTALL)
 _TOO_LARGE = Answer(413, "invalid_request", "The request body is too large", [], "body_too_large")
 _NOT_JSON = Answers.invalid_request("The request body is not valid JSON", "body_not_json")
+_DUPLICATE_MEMBER = Answers.invalid_request(
+    "The request body repeats a JSON member name", "body_ambiguous"
+)
+_TWO_CONTENT_TYPES = Answers.invalid_request(
+    "The request has more than one Content-Type header", "body_ambiguous"
+)
+_TWO_ROUTING_HEADERS = Answers.invalid_request(
+    "The request repeats an MCP routing header", "body_ambiguous"
+)
+_COMPRESSED = Answers.invalid_request(
+    "Compressed request bodies are not accepted", "body_ambiguous"
+)
+_UNKNOWN_TOOL = Answers.invalid_request(
+    "The request calls a tool without naming it", "tool_unknown"
+)
+_ROUTING = frozenset({b"mcp-method", b"mcp-name", b"mcp-protocol-version"})
 
 
 Needed = tuple[str, ...]
 
 
+class _DuplicateMember(ValueError):
+    pass
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateMember
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_members)
+
+
 class ToolScopes:
     def __init__(self, tool_scopes: Mapping[str, Needed], required: Iterable[str]) -> None:
         """``tool_scopes``: already checked scope tokens by tool name. What a refusal names:
-        the ``required`` scopes (needed for every request), then the tool's own."""
+        the ``required`` scopes (needed for every request), then the tools' own."""
         required = tuple(required)
         self._needed: dict[str, tuple[frozenset[str], Needed]] = {}
         for tool, scopes in tool_scopes.items():
             needed = tuple(dict.fromkeys((*required, *scopes)))
             self._needed[tool] = (frozenset(needed), needed)
-        self._versions: dict[bytes, bool] = {}
 
-    def from_headers(self, scope: Scope, granted: frozenset[str]) -> Needed | Literal[True] | None:
-        """What the routing headers say: the scopes a ``tools/call`` of a listed tool needs
-        that the token's do not cover (all of them, to ask for), None when the call may go on,
-        or True when the headers cannot be trusted and the body must tell."""
-        method = name = version = None
-        repeated = False
-        for header, value in scope["headers"]:
-            if header in _ROUTING:
-                if header == b"mcp-method":
-                    repeated |= method is not None
-                    method = value
-                elif header == b"mcp-name":
-                    repeated |= name is not None
-                    name = value
-                else:
-                    repeated |= version is not None
-                    version = value
-        if repeated or method is None or not self._binding(version):
-            return True
-        if method != b"tools/call":
-            return None
-        return self._missing([_decode(name)], granted)
-
-    async def from_body(
+    async def check(
         self, scope: Scope, receive: Receive, granted: frozenset[str]
     ) -> tuple[Needed | Answer | None, Receive]:
-        """The same from the JSON-RPC body, or an answer for a body that cannot be inspected;
-        and the ``receive`` the application must use from now on (a replay of the body)."""
-        content_type = b""
+        """For a POST: the scopes to ask for when a listed tool is called without them, an
+        answer for a request that cannot be read unambiguously, or None when it may go on; and
+        the ``receive`` the application must use from now on (a replay of the body)."""
+        content_type: bytes | None = None
+        method = name = None
+        seen: set[bytes] = set()
         for header, value in scope["headers"]:
             if header == b"content-type":
+                if content_type is not None:
+                    return _TWO_CONTENT_TYPES, receive
                 content_type = value
-        # The SDKs accept a media type list containing application/json: any mention of json
-        # is read, so no body they would run reaches them unread.
-        if b"json" not in content_type.lower():
-            return None, receive
+            elif header in _ROUTING:
+                if header in seen:
+                    return _TWO_ROUTING_HEADERS, receive
+                seen.add(header)
+                if header == b"mcp-method":
+                    method = value
+                elif header == b"mcp-name":
+                    name = value
+            elif header == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                return _COMPRESSED, receive
         body, messages = await _read(receive)
         replay = _replaying(messages, receive)
         if body is None:
             return _TOO_LARGE, replay
+        tools: list[str] = []
+        if method == b"tools/call":
+            tool = _decode(name)
+            if tool is not None:
+                tools.append(tool)
         try:
-            document = json.loads(body)
+            document = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        except _DuplicateMember:
+            return _DUPLICATE_MEMBER, replay
         except (ValueError, RecursionError):
-            return _NOT_JSON, replay
-        return self._missing(_called_tools(document), granted), replay
+            if content_type is None or b"json" in content_type.lower():
+                return _NOT_JSON, replay
+            return self._missing(tools, granted), replay
+        called = _called_tools(document)
+        if called is None:
+            return _UNKNOWN_TOOL, replay
+        return self._missing([*tools, *called], granted), replay
 
-    def _binding(self, version: bytes | None) -> bool:
-        """Whether a revision makes servers check the routing headers against the body."""
-        if version is None:
-            return False
-        known = self._versions.get(version)
-        if known is None:
-            text = version.decode("latin-1")
-            known = bool(_DATE.fullmatch(text)) and text >= _HEADERS_BINDING_SINCE
-            if len(self._versions) < 64:  # a handful of revisions exist; clients choose
-                self._versions[version] = known
-        return known
-
-    def _missing(self, tools: Iterable[str | None], granted: frozenset[str]) -> Needed | None:
+    def _missing(self, tools: Iterable[str], granted: frozenset[str]) -> Needed | None:
+        """Every scope the calls need, when the token lacks any of one called tool's."""
+        missing: dict[str, None] = {}
         for tool in tools:
-            needed = self._needed.get(tool) if tool is not None else None
+            needed = self._needed.get(tool)
             if needed is not None and not needed[0] <= granted:
-                return needed[1]
-        return None
+                missing.update(dict.fromkeys(needed[1]))
+        return tuple(missing) or None
 
 
 def _decode(value: bytes | None) -> str | None:
-    # Mcp-Name carries names that are not plain printable ASCII as =?base64?...?=.
+    """An ``Mcp-Name`` value as the MCP SDK decodes it: names that are not printable ASCII come
+    as ``=?base64?...?=`` (canonical base64 of UTF-8); a malformed one names no tool."""
     if value is None:
         return None
     text = value.decode("latin-1")
-    if not text.startswith("=?"):
-        return text
     sentinel = _BASE64_SENTINEL.fullmatch(text)
     if sentinel is None:
         return text
     try:
-        return base64.b64decode(sentinel[1], validate=True).decode("utf-8")
+        decoded = base64.b64decode(sentinel[1], validate=True)
+        if base64.b64encode(decoded).decode("ascii") != sentinel[1]:
+            return None
+        return decoded.decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
-        return None  # names no tool: the server refuses the header too
+        return None
 
 
-def _called_tools(document: Any) -> list[str | None]:
-    messages = document if isinstance(document, list) else [document]
-    tools: list[str | None] = []
-    for message in messages:
+def _called_tools(document: Any) -> list[str] | None:
+    """The tool of every ``tools/call`` in a JSON-RPC message or batch; None when one of them
+    names no tool a server could run."""
+    tools: list[str] = []
+    for message in document if isinstance(document, list) else (document,):
         if isinstance(message, dict) and message.get("method") == "tools/call":
             params = message.get("params")
             name = params.get("name") if isinstance(params, dict) else None
-            tools.append(name if isinstance(name, str) else None)
+            if not isinstance(name, str):
+                return None
+            tools.append(name)
     return tools
 
 

@@ -1,5 +1,9 @@
 """ASGI callable types, shaped like Starlette's so the middleware type-checks wherever an ASGI
-application is expected (Starlette, FastAPI, httpx's ASGITransport, uvicorn)."""
+application is expected (Starlette, FastAPI, httpx's ASGITransport, uvicorn).
+
+Not asgiref's ``asgiref.typing``: its scopes and messages are TypedDicts, and a callable taking
+those is not accepted where a callable taking ``MutableMapping[str, Any]`` is expected (Starlette,
+httpx), so the package does not depend on asgiref at all."""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
+import httpx
+
 from ._errors import ConfigurationError
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
@@ -39,6 +41,12 @@ def secure_url(url: object, what: str) -> str:
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
         raise ConfigurationError(f"{what} is not a valid URL: {exc}") from None
+    try:
+        httpx.URL(url)
+    except (httpx.InvalidURL, ValueError):
+        # urllib's parser is the laxer one; what httpx refuses could never be fetched. Its
+        # message quotes the URL: not repeated.
+        raise ConfigurationError(f"{what} is not a valid URL") from None
     if not host:
         raise ConfigurationError(f"{what} must be an absolute URL with a host")
     if parts.fragment or "#" in url:

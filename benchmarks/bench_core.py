@@ -32,7 +32,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -148,21 +148,30 @@ def first_acceptance(sink: AuditSink) -> bool:
     )
 
 
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Whether ``condition`` came to hold within ``seconds``. A sync callback gets its events
+    in a worker thread, which needs the GIL: the loop sleeps between looks, never spins."""
+    give_up_at = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() >= give_up_at:
+            return False
+        await asyncio.sleep(0.0002)
+    return True
+
+
 async def drain_audit(
     middleware: DelegationMiddleware, sink: AuditSink, expected: int, what: str
 ) -> float:
     """Lets the audit worker run until ``sink`` has received ``expected`` events in all, less
     any dropped or failed; returns the time that took, in ns."""
+
+    def drained() -> bool:
+        audit: dict[str, int] = middleware.stats()["audit"]  # dropped, failed: will never come
+        return sink.received + audit["dropped"] + audit["callback_errors"] >= expected
+
     with gc_paused():
         start = time.perf_counter_ns()
-        for _ in range(10_000):
-            if sink.received >= expected:
-                break
-            audit = middleware.stats()["audit"]  # events that will never come
-            if sink.received + audit["dropped"] + audit["callback_errors"] >= expected:
-                break
-            await asyncio.sleep(0)
-        else:
+        if not await until(drained):
             fail(f"{what}: the audit worker never delivered the batch's events")
         return time.perf_counter_ns() - start
 
@@ -239,11 +248,8 @@ async def warm_overhead(auth: LocalAuthorizationServer, config: Config) -> dict[
         if "authentication accepted" not in stream.getvalue():
             fail("warm overhead: the audit handler did not receive the first acceptance")
         await check_answers_200(with_callback, token, "warm overhead, on_audit")
-        for _ in range(1000):  # the warm-up's events: two fetches, then the acceptance
-            if first_acceptance(sink):
-                break
-            await asyncio.sleep(0)
-        else:
+        # The warm-up's events: two fetches, then the acceptance.
+        if not await until(lambda: first_acceptance(sink)):
             fail("warm overhead: on_audit did not receive the first acceptance")
         logged_before = stream.getvalue().count("\n")
         delivered_before = with_callback.stats()["audit"]["delivered"]

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
+import anyio
 import httpx
 import pytest
 
 from asgi_delegation import DelegationMiddleware, ExchangeError, _clock
+from asgi_delegation._http import HTTPClient
 from asgi_delegation.testing import LocalAuthorizationServer
 
 RESOURCE = "http://127.0.0.1:8000/mcp"
@@ -200,8 +202,33 @@ async def read_body(receive: Any) -> bytes:
             return body
 
 
+async def audit_delivered(middleware: DelegationMiddleware) -> None:
+    """Until every task waits and the ``on_audit`` worker has handed every queued event to the
+    callback: a sync callback runs in a worker thread, which ``wait_all_tasks_blocked`` does not
+    see (the worker's wake event stays set until its queue is drained)."""
+    with anyio.fail_after(10):
+        await anyio.wait_all_tasks_blocked()
+        while middleware._auditor._wake.is_set():  # noqa: ASYNC110 - no event says "drained"
+            await anyio.sleep(0.001)
+
+
 def fetches(auth: LocalAuthorizationServer, what: str) -> int:
     """How many times ``auth`` served its JWKS ("jwks") or metadata ("metadata")."""
     if what == "jwks":
         return sum(n for path, n in auth.requests.items() if path.endswith("/jwks"))
     return sum(n for path, n in auth.requests.items() if "/.well-known/" in path)
+
+
+@pytest.fixture
+def made_clients(monkeypatch: pytest.MonkeyPatch) -> list[httpx.AsyncClient]:
+    """Every HTTP client a middleware makes for itself (one per event loop) from now on."""
+    clients: list[httpx.AsyncClient] = []
+    open_one = HTTPClient._open
+
+    def recording(self: HTTPClient) -> Any:
+        owned = open_one(self)
+        clients.append(owned.client)
+        return owned
+
+    monkeypatch.setattr(HTTPClient, "_open", recording)
+    return clients

@@ -37,6 +37,7 @@ from .conftest import (
     SLACK,
     Clock,
     Gateway,
+    audit_delivered,
     echo_app,
 )
 
@@ -549,7 +550,7 @@ async def test_callback_receives_every_event(
     assert (await gateway.get(token)).status_code == 200
     assert (await gateway.exchange(token, GITHUB))["grants"]
     assert (await gateway.exchange(token, GITHUB))["grants"]
-    await settled()
+    await audit_delivered(gateway.middleware)
     summary = [
         (type(e).__name__, e.outcome, getattr(e, "cached", None), getattr(e, "cache", None))
         for e in received
@@ -592,7 +593,7 @@ async def test_failing_callback_is_isolated(
     response = await gateway.get(token)
     assert (response.status_code, response.json()["subject"]) == (200, "alice")
     assert (await gateway.exchange(token, GITHUB))["grants"]
-    await settled()
+    await audit_delivered(gateway.middleware)
     # metadata, jwks, acceptance; acceptance (cached), token endpoint POST, exchange
     assert gateway.middleware.stats()["audit"] == {
         "delivered": 0,
@@ -670,7 +671,7 @@ def test_callback_keeps_receiving_in_a_later_event_loop(auth: LocalAuthorization
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as gateway:
             response = await gateway.get("/", headers={"authorization": f"Bearer {token}"})
             assert response.status_code == 200
-            await settled()
+            await audit_delivered(middleware)
 
     asyncio.run(call())  # metadata, jwks, acceptance
     assert len(received) == 3
@@ -747,7 +748,7 @@ async def test_stats_after_a_scripted_sequence(
         clock.advance(250)  # alice's GitHub grant is inside its refresh margin
         assert (await gateway.exchange(alice, GITHUB))["grants"]  # a hit, and a refresh
         await background_done(gateway)
-        await settled()
+        await audit_delivered(gateway.middleware)
         stats = gateway.middleware.stats()
 
     latency = stats["exchanges"].pop("latency_ms")
@@ -811,7 +812,7 @@ async def test_events_are_immutable(
     gateway = gateway_factory(on_audit=received.append)
     token = auth.mint("alice", audience=RESOURCE)
     assert (await gateway.exchange(token, GITHUB))["grants"]
-    await settled()
+    await audit_delivered(gateway.middleware)
     kinds = {type(e): e for e in received}
     assert kinds.keys() == {FetchEvent, AuthenticationEvent, ExchangeEvent}
     for event, field in (

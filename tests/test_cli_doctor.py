@@ -504,3 +504,27 @@ def test_command_line(auth: LocalAuthorizationServer, issuer: str, token: str) -
     )
     assert helped.returncode == 0
     assert "Exit codes: 0 no check failed, 1 a check failed, 2 usage error." in helped.stdout
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_only_the_report_is_printed_unless_verbose(
+    auth: LocalAuthorizationServer, issuer: str, token: str, verbose: bool
+) -> None:
+    args = base_args(issuer, token)
+    args[args.index(CLIENT_SECRET)] = "not-the-right-secret-42"
+    command = [sys.executable, "-m", "asgi_delegation", "doctor", *args, "--upstream", GITHUB]
+    done = subprocess.run(  # noqa: S603 - our own interpreter and module
+        [*command, *(["--verbose"] if verbose else [])],
+        env={k: v for k, v in os.environ.items() if not k.startswith("KEYCARD_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "FAIL  client credentials" in done.stdout
+    assert_nothing_secret(done.stdout + done.stderr, (token, "not-the-right-secret-42"))
+    if verbose:
+        assert "asgi_delegation.audit: POST token failed" in done.stderr
+    else:
+        assert done.stderr == ""

@@ -44,6 +44,9 @@ Key = tuple[str, str, str | None]  # (subject token, resource, normalized scope)
 
 REFRESH_MARGIN = 30.0
 EXPIRY_SKEW = 5.0  # documented: a grant this close to expiring is no longer handed out
+# Documented: a refresh that did not replace the grant is retried after 1 s, jittered down to
+# half, doubling up to 30 s.
+RETRY_BASE, RETRY_CAP = 1.0, 30.0
 USER_TOKEN_LIFETIME = 10**6  # minted with the real clock; the package clock runs far ahead
 
 
@@ -229,29 +232,38 @@ class Outcome:
 @dataclass
 class Cached:
     """What the model knows of a cache entry: the grant's token, when it was obtained (between
-    ``lo`` and ``hi`` on the package's monotonic clock), its lifetime, whether it was refreshed
-    already without being replaced (the refresh failed, or gave a grant too short-lived to be
-    cached): it is then not refreshed again."""
+    ``lo`` and ``hi`` on the package's monotonic clock), its lifetime, and, once a refresh did
+    not replace it (the refresh failed, or gave a grant too short-lived to be cached), between
+    when and when the next refresh is due, and the backoff after that one."""
 
     token: str
     lo: float
     hi: float
     lifetime: float
-    refreshing: bool = False
+    retry: tuple[float, float] | None = None
+    backoff: float = RETRY_BASE
+
+    def retry_later(self, start: float, end: float) -> None:
+        """A refresh that ended between ``start`` and ``end`` did not replace it."""
+        self.retry = (start + self.backoff / 2, end + self.backoff)
+        self.backoff = min(self.backoff * 2, RETRY_CAP)
 
     def state(self, start: float, end: float) -> str:
         """What an exchange between ``start`` and ``end`` must do: "miss" (exchange now),
         "fresh" (serve it), "refresh" (serve it and refresh it), or "either" (too close to a
         boundary to tell)."""
         margin = min(REFRESH_MARGIN, self.lifetime / 2)
-        refresh_lo, refresh_hi = self.lo + self.lifetime - margin, self.hi + self.lifetime - margin
+        refresh_lo, refresh_hi = self.retry or (
+            self.lo + self.lifetime - margin,
+            self.hi + self.lifetime - margin,
+        )
         stale_lo = self.lo + self.lifetime - EXPIRY_SKEW
         stale_hi = self.hi + self.lifetime - EXPIRY_SKEW
         if start >= stale_hi:
             return "miss"
-        if end < stale_lo and (self.refreshing or end < refresh_lo):
+        if end < stale_lo and end < refresh_lo:
             return "fresh"
-        if end < stale_lo and start >= refresh_hi and not self.refreshing:
+        if end < stale_lo and start >= refresh_hi:
             return "refresh"
         return "either"
 
@@ -530,7 +542,7 @@ class ExchangeMachine(RuleBasedStateMachine):
             self.model.pop(key, None)
         else:  # the refresh failed, or its grant is too short-lived to be cached: the old grant
             event("refresh failed" if request.failed else "refreshed grant not cached")
-            cached.refreshing = True  # is served until it is stale, not refreshed again
+            cached.retry_later(start, end)  # is served, and refreshed again after a backoff
 
 
 TestExchangeMachine = ExchangeMachine.TestCase

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 
 from asgi_delegation import DEFAULT_ALGORITHMS
-from asgi_delegation._jwks import usable_key
+from asgi_delegation._jwks import _ABSENT_BYTES, MAX_KID_LENGTH, usable_key
 from asgi_delegation.testing import LocalAuthorizationServer
 
 from .conftest import RESOURCE, Gateway, fetches
@@ -204,3 +204,38 @@ async def test_concurrent_cold_copies_of_one_token_verify_its_signature_once(
     responses = await asyncio.gather(*(gateway.get(token) for _ in range(50)))
     assert {r.status_code for r in responses} == {200}
     assert checks == 1
+
+
+@pytest.mark.parametrize("length", [MAX_KID_LENGTH + 1, 10_000])
+async def test_an_oversized_kid_is_refused_before_any_lookup(
+    gateway: Gateway, auth: LocalAuthorizationServer, length: int
+) -> None:
+    token = auth.mint(audience=RESOURCE, header={"kid": "k" * length})
+    response = await gateway.get(token)
+    assert response.status_code == 401
+    assert 'error="invalid_token"' in response.headers["www-authenticate"]
+    assert fetches(auth, "jwks") == 0
+    assert fetches(auth, "metadata") == 0
+
+
+async def test_a_kid_at_the_limit_is_looked_up(
+    gateway: Gateway, auth: LocalAuthorizationServer
+) -> None:
+    token = auth.mint(audience=RESOURCE, header={"kid": "k" * MAX_KID_LENGTH})
+    assert (await gateway.get(token)).status_code == 401  # unknown, after a lookup
+    assert fetches(auth, "jwks") == 1
+
+
+async def test_absent_kids_are_tracked_within_a_byte_budget(
+    gateway: Gateway, auth: LocalAuthorizationServer
+) -> None:
+    assert (await gateway.get(auth.mint(audience=RESOURCE))).status_code == 200
+    jwks = gateway.middleware._validator._jwks
+    for n in range(1500):  # far more than the budget holds at the longest kid
+        kid = f"{n:0{MAX_KID_LENGTH}d}"
+        assert (
+            await gateway.get(auth.mint(audience=RESOURCE, header={"kid": kid}))
+        ).status_code == 401
+    tracked = jwks._absent
+    assert 0 < len(tracked) < 1500
+    assert sum(len(kid) for kid in tracked) <= _ABSENT_BYTES

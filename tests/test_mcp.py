@@ -350,10 +350,9 @@ def oauth(server_url: str, issuer: str) -> ClientCredentialsOAuthProvider:
 async def test_routing_headers_that_disagree_with_the_body_run_no_tool(
     served_auth: LocalAuthorizationServer, serve_mcp: Any
 ) -> None:
-    # The middleware trusts Mcp-Method on revision 2026-07-28 because the SDK refuses a request
-    # whose headers and body disagree: a client lying in its headers gets nothing.
+    # Headers hiding the body's tools/call: the middleware reads the body and needs the tool's
+    # scope; with the scope, the SDK refuses headers that disagree with the body.
     async with serve_mcp() as served:
-        token = served_auth.mint("alice", audience=served.url, scope="mcp:tools")
         body = {
             "jsonrpc": "2.0",
             "id": 1,
@@ -368,14 +367,18 @@ async def test_routing_headers_that_disagree_with_the_body_run_no_tool(
             },
         }
         headers = {
-            "authorization": f"Bearer {token}",
             "accept": "application/json, text/event-stream",
             "mcp-protocol-version": "2026-07-28",
             "mcp-method": "tools/list",
         }
         async with httpx.AsyncClient() as http:
-            answer = await http.post(served.url, json=body, headers=headers)
-        assert "header" in answer.text.lower()
+            for scope, status in (("mcp:tools", 403), ("mcp:tools repo:write", 400)):
+                token = served_auth.mint("alice", audience=served.url, scope=scope)
+                answer = await http.post(
+                    served.url, json=body, headers={**headers, "authorization": f"Bearer {token}"}
+                )
+                assert answer.status_code == status
+        assert "header" in answer.text.lower()  # the SDK refuses the mismatch
         assert served.tool_runs == []
 
 

@@ -203,14 +203,36 @@ async def test_public_paths(gateway_factory: Any) -> None:
     assert (await gateway.client.get(escaped)).status_code == 401
 
 
-async def test_cors_preflight_passes_to_the_app(gateway: Gateway) -> None:
+async def test_cors_preflight_passes_to_the_app_which_can_send_no_body(
+    gateway: Gateway,
+) -> None:
+    # echo_app answers every request alike: a preflight, unauthenticated, must not get its body.
     response = await gateway.client.options(
         "/mcp", headers={"origin": "https://x.example", "access-control-request-method": "POST"}
     )
     assert response.status_code == 200
-    assert response.json()["subject"] is None
+    assert response.headers["content-type"] == "application/json"  # the app's own headers
+    assert (response.content, response.headers["content-length"]) == (b"", "0")
     plain_options = await gateway.client.options("/mcp")
     assert plain_options.status_code == 401
+
+
+async def test_a_preflight_answered_in_several_messages_still_sends_no_body(
+    gateway_factory: Any,
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"6"), (b"access-control-allow-origin", b"*")]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b"sec", "more_body": True})
+        await send({"type": "http.response.body", "body": b"ret", "more_body": False})
+
+    gateway = gateway_factory(app=app)
+    response = await gateway.client.options(
+        "/mcp", headers={"origin": "https://x.example", "access-control-request-method": "GET"}
+    )
+    assert (response.status_code, response.content) == (204, b"")
+    assert response.headers.get_list("content-length") == ["0"]
+    assert response.headers["access-control-allow-origin"] == "*"
 
 
 # -- ASGI plumbing --------------------------------------------------------------------------
@@ -273,9 +295,16 @@ async def test_lifespan_passes_through_and_closes_only_its_own_client() -> None:
     messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
     own = DelegationMiddleware(echo_app, issuer="https://a.example", resource=RESOURCE)
+    first = own._http.get()  # this event loop's client
     sent = await _drive(own, dict(scope), list(messages))
     assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
-    assert own._client.is_closed
+    assert first.is_closed
+    # The next cycle gets a new client, and closes it in turn.
+    second = own._http.get()
+    assert second is not first
+    assert not second.is_closed
+    assert await _drive(own, dict(scope), list(messages)) == sent
+    assert second.is_closed
 
     client = httpx.AsyncClient()
     given = DelegationMiddleware(

@@ -35,7 +35,17 @@ from asgi_delegation._audit import AuditEvent
 from asgi_delegation.testing import LocalAuthorizationServer, ScriptedAnswer
 from asgi_delegation.testing._serve import loopback_socket, serve_on
 
-from .conftest import CLIENT_ID, GITHUB, GOOGLE, RESOURCE, SLACK, Clock, echo_app, read_body
+from .conftest import (
+    CLIENT_ID,
+    GITHUB,
+    GOOGLE,
+    RESOURCE,
+    SLACK,
+    Clock,
+    audit_delivered,
+    echo_app,
+    read_body,
+)
 
 #: A client secret that form encoding changes in every way: ':', ' ', '+', '/', '=', '%', '&'
 #: and a non-ASCII letter.
@@ -413,7 +423,7 @@ async def discovery_failures(origin: str, auth: LocalAuthorizationServer, seen: 
             assert (status, document["error"]) == (503, "temporarily_unavailable")
             status, _ = await call(middleware, seen, token=token)  # inside the backoff
             assert status == 503
-            await anyio.wait_all_tasks_blocked()
+            await audit_delivered(middleware)
             seen.add("stats", middleware.stats())
             seen.add("middleware", (repr(middleware), str(middleware)))
         finally:
@@ -498,7 +508,7 @@ async def every_flow(
         tasks = list(middleware._exchanger._background)
         assert tasks
         await asyncio.gather(*tasks, return_exceptions=True)
-    await anyio.wait_all_tasks_blocked()  # the audit callback has had every event
+    await audit_delivered(middleware)
 
     outcomes = {(type(e).__name__, getattr(e, "cache", None), e.outcome) for e in seen.events}
     assert ("ExchangeEvent", "refresh", "granted") in outcomes

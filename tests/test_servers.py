@@ -160,7 +160,7 @@ async def test_websocket_handshake(site: Site) -> None:
 
 
 async def test_lifespan_runs_through_the_middleware(
-    served_auth: LocalAuthorizationServer, server: str
+    served_auth: LocalAuthorizationServer, server: str, made_clients: list[httpx.AsyncClient]
 ) -> None:
     async with serving(server, served_auth) as site:
         async with httpx.AsyncClient(base_url=site.origin, headers=site.headers) as client:
@@ -170,8 +170,18 @@ async def test_lifespan_runs_through_the_middleware(
         assert response.json() == {"subject": "alice", "lifespan": "started"}
         assert not site.probe.stopped
     assert site.probe.stopped
-    # The middleware closes the client it made when the shutdown passes through it.
-    assert site.middleware._client.is_closed
+    # The middleware closes the client it made when the shutdown passes through it...
+    assert len(made_clients) == 1
+    assert made_clients[0].is_closed
+    # ...and serves again, a new kid included (its JWKS fetched with a new client).
+    served_auth.rotate_keys()
+    token = served_auth.mint("alice", audience=site.origin + "/mcp")
+    with loopback_socket() as (sock, origin):
+        async with SERVERS[server](site.middleware, sock), httpx.AsyncClient() as client:
+            again = await client.get(origin + "/mcp", headers={"authorization": f"Bearer {token}"})
+    assert again.status_code == 200, again.text
+    assert len(made_clients) == 2
+    assert made_clients[1].is_closed
 
 
 async def test_unauthenticated_request_is_challenged(site: Site) -> None:

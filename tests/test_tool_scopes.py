@@ -1,5 +1,6 @@
 """Per-tool scopes: which requests are refused, what the refusal says, and that the application
-receives the body byte for byte when the middleware had to read it."""
+receives the body byte for byte. (tests/test_tool_scopes_sdk.py holds the same rules against
+the official MCP SDK under uvicorn.)"""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class Harness:
         *,
         scope: str = "mcp",
         headers: list[tuple[bytes, bytes]] | None = None,
-        content_type: bytes = b"application/json",
+        content_type: bytes | None = b"application/json",
         method: str = "POST",
     ) -> Outcome:
         if not isinstance(chunks, list):
@@ -59,7 +60,7 @@ class Harness:
         ]
         all_headers = [
             (b"authorization", f"Bearer {self.token(scope)}".encode()),
-            (b"content-type", content_type),
+            *([] if content_type is None else [(b"content-type", content_type)]),
             *(headers or []),
         ]
         asgi_scope = {
@@ -125,7 +126,7 @@ def challenge(scopes: str) -> bytes:
     ).encode()
 
 
-async def test_modern_headers_decide_without_reading_the_body(harness: Harness) -> None:
+async def test_modern_headers_and_the_body_are_both_read(harness: Harness) -> None:
     body = json.dumps(call("create_issue")).encode()
     refused = await harness.post(body, headers=routing("tools/call", "create_issue"))
     assert refused.status == 403
@@ -137,6 +138,21 @@ async def test_modern_headers_decide_without_reading_the_body(harness: Harness) 
         headers=routing("tools/call", "create_issue"),
     )
     assert (allowed.status, allowed.app_body) == (200, body)
+
+
+def bad_request(description: str) -> bytes:
+    return f'Bearer error="invalid_request", error_description="{description}"'.encode()
+
+
+async def test_two_content_types_are_refused(harness: Harness) -> None:
+    # The bypass this rule closes: the SDK reads the first Content-Type and runs the tool,
+    # while a reader of the last one would have skipped the body.
+    outcome = await harness.post(call("create_issue"), headers=[(b"content-type", b"text/plain")])
+    assert outcome.status == 400
+    assert outcome.headers[b"www-authenticate"] == bad_request(
+        "The request has more than one Content-Type header"
+    )
+    assert outcome.app_body is None
 
 
 @pytest.mark.parametrize(
@@ -152,8 +168,20 @@ async def test_modern_headers_decide_without_reading_the_body(harness: Harness) 
             call("ünï"), "mcp", 403, "mcp uni", id="modern-base64-name",
         ),
         pytest.param(
-            routing("tools/call", "=?base64?!!!?="), call("ünï"), "mcp", 200, None,
-            id="modern-undecodable-name-left-to-the-sdk",
+            routing("tools/call", "=?base64?!!!?="), call("ünï"), "mcp", 403, "mcp uni",
+            id="modern-undecodable-name-the-body-decides",
+        ),
+        pytest.param(
+            routing("tools/call", "create_issue"), call("whoami"), "mcp", 403, "mcp repo:write",
+            id="header-names-a-listed-tool-the-body-does-not",
+        ),
+        pytest.param(
+            routing("tools/list"), call("create_issue"), "mcp", 403, "mcp repo:write",
+            id="header-hides-the-call-the-body-makes",
+        ),
+        pytest.param(
+            [], [call("create_issue"), call("ünï", request_id=2)], "mcp", 403,
+            "mcp repo:write uni", id="batch-of-two-listed-tools-names-both",
         ),
         pytest.param([], call("create_issue"), "mcp", 403, "mcp repo:write", id="no-headers-body"),
         pytest.param(
@@ -177,19 +205,11 @@ async def test_modern_headers_decide_without_reading_the_body(harness: Harness) 
             [(b"mcp-protocol-version", MODERN.encode())], call("create_issue"), "mcp", 403,
             "mcp repo:write", id="modern-without-method-header",
         ),
-        pytest.param(
-            [*routing("tools/list"), (b"mcp-method", b"tools/list")], call("create_issue"), "mcp",
-            403, "mcp repo:write", id="repeated-routing-header",
-        ),
-        pytest.param(
-            [], {"method": "tools/call", "params": ["create_issue"]}, "mcp", 200, None,
-            id="params-not-object",
-        ),
-        pytest.param(
-            [], {"method": "tools/call", "params": {"name": 7}}, "mcp", 200, None,
-            id="name-not-string",
-        ),
         pytest.param([], "tools/call", "mcp", 200, None, id="json-string"),
+        pytest.param(
+            [], {"method": "Tools/Call", "params": {"name": "create_issue"}}, "mcp", 200, None,
+            id="method-is-case-sensitive-as-in-the-sdk",
+        ),
     ],
 )  # fmt: skip
 async def test_requests(
@@ -211,21 +231,135 @@ async def test_requests(
 
 
 @pytest.mark.parametrize(
-    ("content_type", "inspected"),
+    ("headers", "document", "description"),
     [
-        (b"application/json", True),
-        (b"Application/JSON; charset=utf-8", True),
-        (b"text/plain, application/json", True),  # the SDK accepts a list
-        (b"application/vnd.api+json", True),
-        (b"text/plain", False),
-        (b"application/x-www-form-urlencoded", False),
+        pytest.param(
+            [*routing("tools/list"), (b"mcp-method", b"tools/call")], LISTING,
+            "The request repeats an MCP routing header", id="repeated-method-header",
+        ),
+        pytest.param(
+            [*routing("tools/call", "whoami"), (b"mcp-name", b"create_issue")], call("whoami"),
+            "The request repeats an MCP routing header", id="repeated-name-header",
+        ),
+        pytest.param(
+            [(b"mcp-protocol-version", b"2025-06-18"), *routing("tools/list")], LISTING,
+            "The request repeats an MCP routing header", id="repeated-version-header",
+        ),
+        pytest.param(
+            [], {"method": "tools/call", "params": ["create_issue"]},
+            "The request calls a tool without naming it", id="params-not-object",
+        ),
+        pytest.param(
+            [], {"method": "tools/call", "params": {"name": 7}},
+            "The request calls a tool without naming it", id="name-not-string",
+        ),
+        pytest.param(
+            [], [LISTING, {"method": "tools/call"}],
+            "The request calls a tool without naming it", id="batch-with-a-nameless-call",
+        ),
+        pytest.param(
+            [(b"content-encoding", b"gzip")], call("whoami"),
+            "Compressed request bodies are not accepted", id="gzip",
+        ),
+        pytest.param(
+            [(b"content-encoding", b"Deflate ")], LISTING,
+            "Compressed request bodies are not accepted", id="deflate",
+        ),
+    ],
+)  # fmt: skip
+async def test_requests_that_cannot_be_read_unambiguously_are_refused(
+    harness: Harness, headers: list[tuple[bytes, bytes]], document: Any, description: str
+) -> None:
+    body = json.dumps(document).encode()
+    outcome = await harness.post(body, scope="mcp repo:write uni", headers=headers)
+    assert outcome.status == 400
+    assert outcome.headers[b"www-authenticate"] == bad_request(description)
+    assert outcome.app_body is None
+
+
+async def test_identity_content_encoding_is_plain(harness: Harness) -> None:
+    outcome = await harness.post(call("create_issue"), headers=[(b"content-encoding", b"identity")])
+    assert outcome.status == 403
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "whoami", '
+        b'"name": "create_issue"}}',
+        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "method": "tools/list", '
+        b'"params": {"name": "create_issue"}}',
+        b'{"params": {"name": "create_issue"}, "params": {"name": "whoami"}, '
+        b'"method": "tools/call"}',
+    ],
+    ids=["name", "method", "params"],
+)
+async def test_duplicate_member_names_are_refused(harness: Harness, body: bytes) -> None:
+    for content_type in (b"application/json", b"text/plain"):
+        outcome = await harness.post(body, content_type=content_type)
+        assert outcome.status == 400
+        assert outcome.headers[b"www-authenticate"] == bad_request(
+            "The request body repeats a JSON member name"
+        )
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"application/json",
+        b"Application/JSON; charset=utf-8",
+        b"application/json; charset=latin-1",
+        b"text/plain, application/json",
+        b"application/vnd.api+json",
+        b"text/plain",  # the SDK's stateless transport reads the body whatever it says
+        b"application/x-www-form-urlencoded",
+        None,
     ],
 )
-async def test_bodies_that_claim_json_are_inspected(
-    harness: Harness, content_type: bytes, inspected: bool
+async def test_every_json_body_is_inspected_whatever_its_content_type(
+    harness: Harness, content_type: bytes | None
 ) -> None:
     outcome = await harness.post(call("create_issue"), content_type=content_type)
-    assert outcome.status == (403 if inspected else 200)
+    assert outcome.status == 403
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-32-be"])
+async def test_bodies_in_every_json_encoding_are_inspected(harness: Harness, encoding: str) -> None:
+    # json.loads reads these from bytes, and so does the SDK's stateless transport.
+    body = json.dumps(call("create_issue")).encode(encoding)
+    assert (await harness.post(body)).status == 403
+    allowed = await harness.post(body, scope="mcp repo:write")
+    assert (allowed.status, allowed.app_body) == (200, body)
+
+
+@pytest.mark.parametrize("method", ["post", "Post"])
+async def test_post_is_recognized_in_any_case(harness: Harness, method: str) -> None:
+    assert (await harness.post(call("create_issue"), method=method)).status == 403
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        (b"text/plain", 200),
+        (b"application/x-www-form-urlencoded", 200),
+        (b"application/json", 400),
+        (b"text/x-json", 400),
+        (None, 400),
+    ],
+)
+async def test_a_body_that_is_not_json_goes_on_only_when_it_says_so(
+    harness: Harness, content_type: bytes | None, status: int
+) -> None:
+    outcome = await harness.post(b"title=hello&tools/call", content_type=content_type)
+    assert outcome.status == status
+    assert outcome.app_body == (b"title=hello&tools/call" if status == 200 else None)
+
+
+async def test_routing_headers_count_even_when_the_body_is_not_json(harness: Harness) -> None:
+    outcome = await harness.post(
+        b"not json", content_type=b"text/plain", headers=routing("tools/call", "create_issue")
+    )
+    assert outcome.status == 403
 
 
 @pytest.mark.parametrize(
@@ -242,9 +376,7 @@ async def test_bodies_that_claim_json_are_inspected(
 async def test_a_body_that_cannot_be_parsed_is_refused(harness: Harness, body: bytes) -> None:
     outcome = await harness.post(body)
     assert outcome.status == 400
-    assert outcome.headers[b"www-authenticate"] == (
-        b'Bearer error="invalid_request", error_description="The request body is not valid JSON"'
-    )
+    assert outcome.headers[b"www-authenticate"] == bad_request("The request body is not valid JSON")
     assert outcome.app_body is None
 
 
@@ -329,16 +461,18 @@ async def test_no_listed_tool_call_passes_without_its_scope(
     points = sorted({min(c, len(body)) for c in cuts})
     chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
     outcome = await harness.post(chunks)
-    items = document if isinstance(document, list) else [document]
-    protected = any(
-        isinstance(m, dict)
-        and m.get("method") == "tools/call"
-        and isinstance(m.get("params"), dict)
-        and m["params"].get("name") in TOOLS
-        for m in items
+    calls = [
+        m
+        for m in (document if isinstance(document, list) else [document])
+        if isinstance(m, dict) and m.get("method") == "tools/call"
+    ]
+    nameless = any(
+        not isinstance(m.get("params"), dict) or not isinstance(m["params"].get("name"), str)
+        for m in calls
     )
-    assert outcome.status == (403 if protected else 200)
-    if not protected:
+    protected = any(m["params"]["name"] in TOOLS for m in calls) if not nameless else False
+    assert outcome.status == (400 if nameless else 403 if protected else 200)
+    if outcome.status == 200:
         assert outcome.app_body == body
 
 

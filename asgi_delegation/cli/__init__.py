@@ -1,13 +1,19 @@
 """The ``asgi-delegation`` command: ``bench``, ``doctor`` and ``dev-server``.
 
 Exit codes: 0 success, 1 a check or measurement failed, 2 usage error (argparse's own).
+
+The commands print reports of their own; the library's log records (a failed token request, a
+denied exchange) would repeat them on stderr through logging's last-resort handler, so they
+are shown only with ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from . import _bench, _dev_server, _doctor
 
@@ -35,6 +41,12 @@ def parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(sub)
+        sub.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="also print the library's log records (INFO and above) on stderr",
+        )
         sub.set_defaults(run=module.run)
     return top
 
@@ -42,9 +54,33 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return int(args.run(args))
+        with _library_logging(verbose=args.verbose):
+            return int(args.run(args))
     except KeyboardInterrupt:
         return EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _library_logging(*, verbose: bool) -> Iterator[None]:
+    """The library's records go to stderr with ``verbose``, else nowhere; as it was after
+    (``main`` also runs inside other programs, tests among them)."""
+    library = logging.getLogger("asgi_delegation")
+    handler: logging.Handler
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.NullHandler()  # a handler at all: the last-resort one stays silent
+    saved = library.level, library.propagate
+    library.addHandler(handler)
+    library.setLevel(logging.INFO if verbose else logging.WARNING)
+    library.propagate = False
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(saved[0])
+        library.propagate = saved[1]
 
 
 if __name__ == "__main__":  # pragma: no cover

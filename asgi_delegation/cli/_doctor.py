@@ -50,8 +50,9 @@ from .._fetch import FetchError, fetch_json, parse_json_object
 from .._grant import Grant
 from .._jwks import MAX_BYTES as JWKS_MAX_BYTES
 from .._jwks import PRIVATE_KEY, SYMMETRIC_KEY, SigningKey, check_key
-from .._middleware import DEFAULT_ALGORITHMS, SCOPE_TOKEN, DelegationMiddleware
+from .._middleware import DEFAULT_ALGORITHMS, DelegationMiddleware
 from .._refresh import Unavailable
+from .._scopes import SCOPE_TOKEN
 from .._tokens import REFUSED_HEADERS, InvalidToken, unverified
 from .._types import Message, Receive, Scope, Send
 from .._urls import secure_url
