@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from asgi_delegation._audit import AuditEvent
 from asgi_delegation.testing import LocalAuthorizationServer
 
 from .conftest import GITHUB, Gateway, audit_delivered
+from .test_client_auth import assertion
 
 GatewayFactory = Callable[..., Gateway]
 WORKLOAD = "workload"
@@ -35,19 +34,6 @@ DEADLINE = 2 * SAFETY  # for the test itself: a thread that gave up waiting is r
 
 
 # -- the client assertion file -----------------------------------------------------------------
-
-
-def client_assertion(auth: LocalAuthorizationServer, key: ECKey) -> str:
-    now = int(time.time())
-    claims = {
-        "iss": WORKLOAD,
-        "sub": WORKLOAD,
-        "aud": auth.token_endpoint,
-        "jti": uuid.uuid4().hex,
-        "iat": now,
-        "exp": now + 300,
-    }
-    return LocalAuthorizationServer.sign({"alg": "ES256", "typ": "JWT"}, claims, key)
 
 
 class SlowWriter:
@@ -87,7 +73,7 @@ def workload_key(auth: LocalAuthorizationServer) -> ECKey:
 def writer(
     auth: LocalAuthorizationServer, workload_key: ECKey, tmp_path: Path
 ) -> Iterator[SlowWriter]:
-    writer = SlowWriter(tmp_path / "token", client_assertion(auth, workload_key))
+    writer = SlowWriter(tmp_path / "token", assertion(auth, workload_key, WORKLOAD))
     yield writer
     writer.finish()
 
