@@ -28,7 +28,7 @@ from ._jwks import ALGORITHM_KEYS, JWKS
 from ._mcp_principal import sdk_principal
 from ._metadata import ResourceMetadata
 from ._otel import telemetry
-from ._printable import printable
+from ._printable import MAX_CHARS, printable
 from ._refresh import Unavailable
 from ._scopes import implied_scopes, scope_list
 from ._tokens import InvalidToken, TokenValidator, ValidToken
@@ -399,6 +399,7 @@ class DelegationMiddleware:
         cached: bool,
     ) -> None:
         accepted = answer is None
+        path: str = scope["path"]
         # tuple.__new__ skips the NamedTuple's Python-level __new__: this runs once per request.
         event: AuthenticationEvent = tuple.__new__(
             AuthenticationEvent,
@@ -407,14 +408,14 @@ class DelegationMiddleware:
                 "accepted" if accepted else "rejected",
                 None if answer is None else answer.reason,
                 200 if answer is None else answer.status,
-                None if valid is None else printable(valid.subject),
-                None if valid is None or valid.client_id is None else printable(valid.client_id),
+                None if valid is None else valid.shown_subject,
+                None if valid is None else valid.shown_client_id,
                 valid.token_id
                 if valid is not None
                 else None
                 if digest is None
                 else digest[:8].hex(),
-                printable(scope["path"]),
+                path if path.isprintable() and len(path) <= MAX_CHARS else printable(path),
                 cached,
             ),
         )

@@ -23,6 +23,7 @@ from joserfc.jws import JWSRegistry
 from . import _clock
 from ._fetch import parse_json_object
 from ._jwks import JWKS, MAX_KID_LENGTH
+from ._printable import printable
 from ._scopes import Implied, with_implied
 
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
@@ -71,6 +72,8 @@ class ValidToken:
     # For audit events, worked out once per token rather than once per request:
     client_id: str | None  # the ``client_id`` or ``azp`` claim
     token_id: str  # the first 16 hex digits of the token's SHA-256
+    shown_subject: str  # the subject and client as log lines show them (escaped, bounded)
+    shown_client_id: str | None
 
 
 def _b64decode(segment: bytes) -> bytes:
@@ -245,6 +248,8 @@ class TokenValidator:
             usable_until,
             client_id,
             digest[:8].hex(),
+            printable(subject),
+            None if client_id is None else printable(client_id),
         )
 
     def _check_claims(self, claims: dict[str, Any]) -> tuple[str, frozenset[str], float]:

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asgi_delegation import ConfigurationError, DelegationMiddleware
-from asgi_delegation._tool_scopes import MAX_BODY_BYTES
+from asgi_delegation._tool_scopes import MAX_BODY_BYTES, _encoding
 from asgi_delegation.testing import LocalAuthorizationServer
 
 from .conftest import RESOURCE, Gateway, read_body
@@ -490,3 +490,8 @@ def test_configuration_errors(
 ) -> None:
     with pytest.raises(ConfigurationError, match=message):
         DelegationMiddleware(ok_app, issuer=auth.issuer, resource=RESOURCE, tool_scopes=tool_scopes)
+
+
+@given(st.binary(max_size=8) | st.builds(lambda b: b"{" + b, st.binary(max_size=8)))
+def test_the_body_encoding_is_the_one_json_loads_reads(body: bytes) -> None:
+    assert _encoding(body) == json.detect_encoding(body)
