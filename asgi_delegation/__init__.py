@@ -18,7 +18,8 @@ from ._errors import (
     ExchangeUnavailable,
 )
 from ._grant import Grant
-from ._middleware import DEFAULT_ALGORITHMS, DelegationMiddleware
+from ._issuer import DEFAULT_ALGORITHMS, Issuer
+from ._middleware import DelegationMiddleware
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
@@ -34,6 +35,7 @@ __all__ = [
     "ExchangeUnavailable",
     "FetchEvent",
     "Grant",
+    "Issuer",
     "current_access_context",
     "grant",
 ]

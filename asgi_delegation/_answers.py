@@ -24,6 +24,7 @@ _DESCRIPTIONS = {
     "algorithm": "The access token is signed with an algorithm that is not accepted",
     "header": "The access token has a header that is not accepted",
     "type": "The access token is not an access token of an accepted type",
+    "inactive": "The access token is not active",
 }
 _NOT_ACCEPTED = "The access token is not accepted by this resource"
 _COMMON_HEADERS: Headers = [

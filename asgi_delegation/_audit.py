@@ -49,6 +49,8 @@ class AuthenticationEvent(NamedTuple):
     token_id: str | None  #: the first 16 hex digits of the token's SHA-256, for correlation
     path: str
     cached: bool  #: validated from the cache
+    issuer: str | None = None  #: the configured issuer that vouched for the token
+    verified_by: str | None = None  #: "jwt" (signature) or "introspection" (RFC 7662)
 
 
 class ExchangeEvent(NamedTuple):
@@ -68,6 +70,7 @@ class ExchangeEvent(NamedTuple):
     status: int | None  #: the token endpoint's last HTTP status, for the call that asked it
     error: str | None  #: the OAuth error code when not granted
     attempts: int  #: requests this call sent to the token endpoint
+    issuer: str | None = None  #: the caller's issuer, whose token endpoint was asked
 
 
 class FetchEvent(NamedTuple):
@@ -75,7 +78,7 @@ class FetchEvent(NamedTuple):
     endpoint, once per attempt of an exchange."""
 
     at: float
-    document: str  #: "metadata", "jwks" or "token"
+    document: str  #: "metadata", "jwks", "token" or "introspection"
     url: str
     outcome: str  #: "ok" or "failed" (for the token endpoint: any answer but 200)
     detail: str | None  #: why it failed

@@ -193,6 +193,21 @@ def _signing_key(private_key: object) -> tuple[RSAKey | ECKey | OKPKey, str]:
     return key, alg
 
 
+def from_environment(
+    client_id: str | None,
+    client_secret: str | None,
+    private_key: object,
+    client_assertion_file: str | os.PathLike[str] | None,
+) -> tuple[str | None, str | None]:
+    """``client_id`` and ``client_secret``, with ``KEYCARD_CLIENT_ID`` / ``KEYCARD_CLIENT_SECRET``
+    standing in for missing ones (the single-issuer form only: with several issuers, which one
+    the environment meant cannot be told)."""
+    client_id = client_id or os.environ.get("KEYCARD_CLIENT_ID") or None
+    if client_secret is None and private_key is None and client_assertion_file is None:
+        client_secret = os.environ.get("KEYCARD_CLIENT_SECRET") or None
+    return client_id, client_secret
+
+
 def client_auth_from(
     *,
     client_id: str | None,
@@ -201,11 +216,7 @@ def client_auth_from(
     private_key: object,
     client_assertion_file: str | os.PathLike[str] | None,
 ) -> ClientAuth | None:
-    """The configured method, with ``KEYCARD_CLIENT_ID`` / ``KEYCARD_CLIENT_SECRET`` from the
-    environment standing in for missing arguments. None when no client is configured."""
-    client_id = client_id or os.environ.get("KEYCARD_CLIENT_ID") or None
-    if client_secret is None and private_key is None and client_assertion_file is None:
-        client_secret = os.environ.get("KEYCARD_CLIENT_SECRET") or None
+    """The configured method; None when no client is configured."""
     if client_id is None:
         if client_secret or private_key is not None or client_assertion_file is not None:
             raise ConfigurationError("client credentials were given without a client_id")

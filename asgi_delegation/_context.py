@@ -50,6 +50,11 @@ class AccessContext:
         return self._valid.claims
 
     @property
+    def issuer(self) -> str:
+        """The configured issuer that vouched for the caller (its token's ``iss``)."""
+        return self._valid.issuer
+
+    @property
     def client_id(self) -> str | None:
         """The client the token was issued to: its ``client_id`` (RFC 9068) or ``azp`` claim."""
         return self._valid.client_id

@@ -28,6 +28,7 @@ class ServerMetadata:
     issuer: str
     jwks_uri: str | None
     token_endpoint: str | None
+    introspection_endpoint: str | None
     document: Mapping[str, Any]
 
 
@@ -77,6 +78,7 @@ class Discovery:
                     issuer=self._issuer,
                     jwks_uri=_optional_url(document, "jwks_uri"),
                     token_endpoint=_optional_url(document, "token_endpoint"),
+                    introspection_endpoint=_optional_url(document, "introspection_endpoint"),
                     document=document,
                 )
             except FetchError as exc:

@@ -114,6 +114,7 @@ class Exchanger:
         discovery: Discovery,
         http: HTTPClient,
         *,
+        issuer: str,
         client_auth: ClientAuth | None,
         token_endpoint: str | None,
         target: str,
@@ -123,13 +124,14 @@ class Exchanger:
         cache_size: int,
         refresh_margin: float,
         deadline: float,
-        max_concurrency: int,
+        limiter: PerLoop[anyio.CapacityLimiter],
         attempts: int,
         auditor: Auditor,
     ) -> None:
         self._auditor = auditor
         self._discovery = discovery
         self._http = http
+        self._issuer = issuer
         self._client_auth = client_auth
         self._token_endpoint = token_endpoint
         self._target = target
@@ -141,8 +143,9 @@ class Exchanger:
         self._cache_size = cache_size
         self._refresh_margin = refresh_margin
         self._deadline = deadline
-        # Per loop: a slot held in a loop that stopped would never be given back.
-        self._limiter = PerLoop(partial(anyio.CapacityLimiter, max_concurrency))
+        # Shared with the other issuers' exchangers and introspection; per loop, since a slot
+        # held in a loop that stopped would never be given back.
+        self._limiter = limiter
         self._attempts = attempts
         self._flight: SingleFlight[Grant] = SingleFlight()
         self._background: set[asyncio.Task[Grant]] = set()
@@ -226,6 +229,7 @@ class Exchanger:
             status=trace.status,
             error=None if error is None else error.error,
             attempts=trace.attempts,
+            issuer=self._issuer,
         )
         self._auditor.emit(level, event, "exchange for %s %s (%s)", event.resource, outcome, cache)
 
@@ -375,7 +379,9 @@ class Exchanger:
             raise ExchangeNotAllowed(resource[:100], "invalid_target", "not a resource identifier")
         if self._client_auth is None:
             raise ExchangeNotAllowed(
-                resource, "client_not_configured", "no client credentials are configured"
+                resource,
+                "client_not_configured",
+                f"no client credentials are configured for the issuer {self._issuer}",
             )
         endpoint = await self._endpoint(resource)
         give_up_at = anyio.current_time() + self._deadline

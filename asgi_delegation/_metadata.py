@@ -28,7 +28,7 @@ _CORS: list[tuple[bytes, bytes]] = [
 
 
 class ResourceMetadata:
-    def __init__(self, resource: str, issuer: str, scopes: Iterable[str]) -> None:
+    def __init__(self, resource: str, issuers: Iterable[str], scopes: Iterable[str]) -> None:
         self.url, _ = well_known_urls(resource, "oauth-protected-resource")
         root_path = "/.well-known/oauth-protected-resource"
         self._suffixed = root_path + url_path(resource).rstrip("/")
@@ -36,7 +36,7 @@ class ResourceMetadata:
         self._origin = self.url[: -len(self._suffixed)]
         document = {
             "resource": resource,
-            "authorization_servers": [issuer],
+            "authorization_servers": list(issuers),  # in configuration order
             "scopes_supported": list(advertised(scopes)),
             "bearer_methods_supported": ["header"],
         }

@@ -7,32 +7,35 @@ import math
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from hashlib import sha256
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
+import anyio
 import httpx
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from . import _clock
 from ._answers import Answer, Answers
 from ._audit import AuditCallback, Auditor, AuthenticationEvent
-from ._client_auth import client_auth_from
+from ._client_auth import from_environment
 from ._context import AccessContext
 from ._current import _current
-from ._discovery import Discovery
 from ._errors import ConfigurationError
-from ._exchange import TARGETS, Exchanger, Policy
+from ._exchange import Exchanger, Policy
 from ._http import HTTPClient
-from ._jwks import ALGORITHM_KEYS, JWKS
+from ._issuer import DEFAULT_ALGORITHMS, Issuer
+from ._loops import PerLoop
 from ._mcp_principal import sdk_principal
 from ._metadata import ResourceMetadata
 from ._otel import telemetry
 from ._printable import MAX_CHARS, printable
 from ._refresh import Unavailable
 from ._scopes import implied_scopes, scope_list
-from ._tokens import InvalidToken, TokenValidator, ValidToken
+from ._tokens import InvalidToken, TokenCache, ValidToken
 from ._tool_scopes import ToolScopes
+from ._trust import Shared, Trust, unverified_issuer
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from ._urls import secure_url
 
@@ -40,20 +43,6 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
-#: The algorithms accepted by default: every asymmetric JWS algorithm in common use.
-#: ``none`` and the HMAC family are never accepted: a resource server holds no shared secret.
-DEFAULT_ALGORITHMS = (
-    "RS256",
-    "RS384",
-    "RS512",
-    "PS256",
-    "PS384",
-    "PS512",
-    "ES256",
-    "ES384",
-    "ES512",
-    "Ed25519",
-)
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
 
 
@@ -65,17 +54,20 @@ def _tool_scopes(value: Mapping[str, Iterable[str]]) -> dict[str, tuple[str, ...
     return {tool: scope_list(scopes, f"tool_scopes[{tool!r}]") for tool, scopes in value.items()}
 
 
-def _algorithms(value: Iterable[str]) -> frozenset[str]:
-    algorithms = frozenset(value)
-    for alg in algorithms:
-        if alg not in ALGORITHM_KEYS:
-            raise ConfigurationError(
-                f"algorithm {alg!r} is not accepted: only asymmetric JWS algorithms are "
-                f"({', '.join(ALGORITHM_KEYS)}); 'none' and HS* never are"
-            )
-    if not algorithms:
-        raise ConfigurationError("algorithms must name at least one algorithm")
-    return algorithms
+def _issuers(value: Iterable[Issuer]) -> list[Issuer]:
+    if isinstance(value, Issuer | str):
+        raise ConfigurationError("issuers must be a list of Issuer(...)")
+    configs = list(value)
+    if not configs or not all(isinstance(config, Issuer) for config in configs):
+        raise ConfigurationError("issuers must be a non-empty list of Issuer(...)")
+    names = [config.issuer for config in configs]
+    if len(set(names)) != len(names):
+        raise ConfigurationError("issuers names the same issuer twice")
+    if sum(config._introspection for config in configs) > 1:
+        # An opaque token says nothing of its issuer: it must never reach a server that did
+        # not issue it, so only one issuer may take them.
+        raise ConfigurationError("at most one issuer may have introspection=True")
+    return configs
 
 
 def _bounded(value: float, what: str, low: float, high: float) -> float:
@@ -103,7 +95,8 @@ class DelegationMiddleware:
         # TypedDicts as Quart uses, none): the middleware passes on what the server gives it.
         app: Callable[..., Awaitable[None]],
         *,
-        issuer: str,
+        issuer: str | None = None,
+        issuers: Iterable[Issuer] | None = None,
         resource: str,
         audience: str | Iterable[str] | None = None,
         required_scopes: Iterable[str] = (),
@@ -112,6 +105,10 @@ class DelegationMiddleware:
         scopes_supported: Iterable[str] | None = None,
         public_paths: Iterable[str] = (),
         algorithms: Iterable[str] = DEFAULT_ALGORITHMS,
+        introspection: bool = False,
+        introspection_endpoint: str | None = None,
+        introspect_jwts: bool = False,
+        introspection_cache_ttl: float = 60.0,
         leeway: float = 30.0,
         max_token_bytes: int = 16 * 1024,
         require_at_jwt: bool = False,
@@ -141,18 +138,57 @@ class DelegationMiddleware:
         meter_provider: MeterProvider | None = None,
     ) -> None:
         self.app: ASGIApp = app
-        issuer = secure_url(issuer, "issuer")
-        if urlsplit(issuer).query:
-            raise ConfigurationError("issuer must not have a query")
         resource = secure_url(resource, "resource")
-        if audience is None:
-            audiences = frozenset({resource})
-        elif isinstance(audience, str):
-            audiences = frozenset({audience})
+        per_issuer = {
+            "audience": audience is not None,
+            "algorithms": algorithms is not DEFAULT_ALGORITHMS,
+            "jwks_uri": jwks_uri is not None,
+            "token_endpoint": token_endpoint is not None,
+            "introspection": introspection is not False,
+            "introspection_endpoint": introspection_endpoint is not None,
+            "introspect_jwts": introspect_jwts is not False,
+            "client_id": client_id is not None,
+            "client_secret": client_secret is not None,
+            "client_auth": client_auth is not None,
+            "private_key": private_key is not None,
+            "client_assertion_file": client_assertion_file is not None,
+            "exchange_target": exchange_target != "resource",
+            "requested_token_type": requested_token_type is not None,
+        }
+        if issuers is not None:
+            if issuer is not None:
+                raise ConfigurationError("issuer and issuers are mutually exclusive: give one")
+            given = [name for name, set_ in per_issuer.items() if set_]
+            if given:
+                raise ConfigurationError(
+                    f"with issuers=, {', '.join(given)} belong in each Issuer(...), not here"
+                )
+            configs = _issuers(issuers)
+        elif issuer is None:
+            raise ConfigurationError("issuer (or issuers) is required")
         else:
-            audiences = frozenset(audience)
-        if not audiences or not all(isinstance(a, str) and a for a in audiences):
-            raise ConfigurationError("audience must be a non-empty string or list of strings")
+            client_id, client_secret = from_environment(
+                client_id, client_secret, private_key, client_assertion_file
+            )
+            configs = [
+                Issuer(
+                    issuer,
+                    audience=audience,
+                    algorithms=algorithms,
+                    jwks_uri=jwks_uri,
+                    token_endpoint=token_endpoint,
+                    introspection=introspection,
+                    introspection_endpoint=introspection_endpoint,
+                    introspect_jwts=introspect_jwts,
+                    client_id=client_id,
+                    client_secret=client_secret,
+                    client_auth=client_auth,
+                    private_key=private_key,
+                    client_assertion_file=client_assertion_file,
+                    exchange_target=exchange_target,
+                    requested_token_type=requested_token_type,
+                )
+            ]
         required = scope_list(required_scopes, "required_scopes")
         self._required = frozenset(required)
         tools = _tool_scopes(tool_scopes or {})
@@ -166,13 +202,6 @@ class DelegationMiddleware:
         )
         self._public_exact, self._public_prefixes = self._public_paths(public_paths)
         timeout = _bounded(http_timeout, "http_timeout", 0.1, 120)
-        accepted = _algorithms(algorithms)
-        if jwks_uri is not None:
-            jwks_uri = secure_url(jwks_uri, "jwks_uri")
-        if token_endpoint is not None:
-            token_endpoint = secure_url(token_endpoint, "token_endpoint")
-        if exchange_target not in TARGETS:
-            raise ConfigurationError(f"exchange_target must be one of {', '.join(TARGETS)}")
         if isinstance(allowed_resources, str):
             raise ConfigurationError("allowed_resources must be a list of resources, not a string")
         if policy is not None and not callable(policy):
@@ -183,6 +212,9 @@ class DelegationMiddleware:
         leeway = _bounded(leeway, "leeway", 0, 300)
         max_token_bytes = int(_bounded(max_token_bytes, "max_token_bytes", 256, 1024 * 1024))
         token_cache_size = int(_bounded(token_cache_size, "token_cache_size", 1, 10_000_000))
+        introspection_cache_ttl = _bounded(
+            introspection_cache_ttl, "introspection_cache_ttl", 0, 3600
+        )
         grant_cache_size = int(_bounded(grant_cache_size, "grant_cache_size", 1, 10_000_000))
         refresh_margin = _bounded(refresh_margin, "refresh_margin", 0, 3600)
         exchange_timeout = _bounded(exchange_timeout, "exchange_timeout", 0.1, 120)
@@ -190,55 +222,49 @@ class DelegationMiddleware:
             _bounded(max_concurrent_exchanges, "max_concurrent_exchanges", 1, 10_000)
         )
         exchange_attempts = int(_bounded(exchange_attempts, "exchange_attempts", 1, 10))
-        credentials = client_auth_from(
-            client_id=client_id,
-            client_secret=client_secret,
-            client_auth=client_auth,
-            private_key=private_key,
-            client_assertion_file=client_assertion_file,
-        )
         sink = telemetry(opentelemetry, tracer_provider, meter_provider)
         # Every argument is checked by now: nothing below can fail and leave a client open.
         self._http = HTTPClient(http_client, timeout=timeout)
         self._auditor = auditor = Auditor(on_audit, sink)
-        discovery = Discovery(issuer, self._http, deadline=timeout, auditor=auditor)
-        jwks = JWKS(
-            discovery,
-            self._http,
-            jwks_uri=jwks_uri,
-            algorithms=accepted,
-            deadline=timeout,
-            cooldown=cooldown,
+        self._tokens = TokenCache(token_cache_size)
+        # One budget for requests to authorization servers: exchanges and introspections alike.
+        limiter = PerLoop(partial(anyio.CapacityLimiter, max_concurrent_exchanges))
+        shared = Shared(
+            resource=resource,
+            http=self._http,
             auditor=auditor,
-        )
-        self._validator = TokenValidator(
-            jwks,
-            issuer=issuer,
-            audiences=audiences,
-            algorithms=accepted,
-            leeway=leeway,
-            max_bytes=max_token_bytes,
-            require_at_jwt=require_at_jwt,
-            cache_size=token_cache_size,
+            tokens=self._tokens,
             implied=implied,
+            limiter=limiter,
+            timeout=timeout,
+            cooldown=cooldown,
+            leeway=leeway,
+            max_token_bytes=max_token_bytes,
+            require_at_jwt=require_at_jwt,
+            introspection_cache_ttl=introspection_cache_ttl,
+            token_cache_size=token_cache_size,
+            exchanger=partial(
+                Exchanger,
+                allowed_resources=(
+                    None if allowed_resources is None else frozenset(allowed_resources)
+                ),
+                policy=policy,
+                cache_size=grant_cache_size,
+                refresh_margin=refresh_margin,
+                deadline=exchange_timeout,
+                limiter=limiter,
+                attempts=exchange_attempts,
+                auditor=auditor,
+            ),
         )
-        self._exchanger = Exchanger(
-            discovery,
-            self._http,
-            client_auth=credentials,
-            token_endpoint=token_endpoint,
-            target=exchange_target,
-            requested_token_type=requested_token_type,
-            allowed_resources=None if allowed_resources is None else frozenset(allowed_resources),
-            policy=policy,
-            cache_size=grant_cache_size,
-            refresh_margin=refresh_margin,
-            deadline=exchange_timeout,
-            max_concurrency=max_concurrent_exchanges,
-            attempts=exchange_attempts,
-            auditor=auditor,
-        )
-        self._metadata = ResourceMetadata(resource, issuer, supported)
+        trusts = [Trust(config, shared) for config in configs]
+        self._trusts = {trust.issuer: trust for trust in trusts}
+        self._max_token_bytes = max_token_bytes
+        # One issuer: its exchanger and its JWT validation need no routing.
+        self._only = trusts[0] if len(trusts) == 1 else None
+        self._exchanger = self._only.exchanger if self._only is not None else None
+        self._opaque = next((trust for trust in trusts if trust.opaque), None)
+        self._metadata = ResourceMetadata(resource, list(self._trusts), supported)
         self._answers = Answers(self._metadata.url, sorted(self._required))
         self._mounted: dict[str, Answers] = {}  # by root_path: the challenges name their URL
         self._tools = ToolScopes(tools, sorted(self._required)) if tools else None
@@ -346,12 +372,12 @@ class DelegationMiddleware:
             return self._refused(scope, _EMPTY_TOKEN), receive
         digest = sha256(token).digest()
         stats = self._auditor.stats
-        valid = self._validator.cached(digest)
+        valid = self._tokens.get(digest)
         cached = valid is not None
         if valid is None:
             stats.token_misses += 1
             try:
-                valid = await self._validator.validate(token, digest)
+                valid = await self._verify(token, digest)
             except InvalidToken as exc:
                 answer = answers.invalid_token(exc.reason)
                 return self._refused(scope, answer, digest), receive
@@ -374,7 +400,25 @@ class DelegationMiddleware:
         # A token's first acceptance is worth INFO; its every later request only DEBUG.
         if self._auditor.wants(logging.DEBUG if cached else logging.INFO):
             self._audit(scope, None, digest, valid, cached)
-        return AccessContext(valid, token, digest, self._exchanger), receive
+        exchanger = self._exchanger or self._trusts[valid.issuer].exchanger
+        return AccessContext(valid, token, digest, exchanger), receive
+
+    async def _verify(self, token: bytes, digest: bytes) -> ValidToken:
+        """Validate a token not seen before with its issuer's pieces, and cache the result;
+        raises :class:`InvalidToken` (401) or ``Unavailable`` (503)."""
+        if len(token) > self._max_token_bytes:
+            raise InvalidToken("too_large")
+        if token.count(b".") == 2:  # a JWT: never introspected unless it verifies first
+            trust = self._only or self._trusts.get(unverified_issuer(token))
+            if trust is None:
+                raise InvalidToken("wrong_issuer")
+            valid = await trust.verify_jwt(token, digest)
+        elif self._opaque is not None:
+            valid = await self._opaque.verify_opaque(token, digest)
+        else:
+            raise InvalidToken("malformed")
+        self._tokens.put(digest, valid)
+        return valid
 
     def _refused(
         self,
@@ -417,6 +461,8 @@ class DelegationMiddleware:
                 else digest[:8].hex(),
                 path if path.isprintable() and len(path) <= MAX_CHARS else printable(path),
                 cached,
+                None if valid is None else valid.issuer,
+                None if valid is None else valid.verified_by,
             ),
         )
         level = logging.DEBUG if accepted and cached else logging.INFO
@@ -434,7 +480,8 @@ class DelegationMiddleware:
         the running event loop (never one passed as ``http_client``). Done automatically at
         lifespan shutdown. The middleware goes on working: the next request that needs the
         authorization server makes a new client. Safe to call again, and from any loop."""
-        await self._exchanger.aclose()
+        for trust in self._trusts.values():
+            await trust.exchanger.aclose()
         await self._auditor.aclose()
         await self._http.aclose()
 

@@ -49,6 +49,7 @@ REASONS = (
     "not_yet_valid",
     "wrong_issuer",
     "wrong_audience",
+    "inactive",
 )
 
 
@@ -68,12 +69,71 @@ class ValidToken:
     claims: Mapping[str, Any]
     scopes: frozenset[str]  # as the token says
     granted: frozenset[str]  # and those they imply: what sufficiency is decided on
-    usable_until: float
+    usable_until: float  # exp + leeway (Unix time): no grant is handed out for it after that
+    cache_until: float  # when the validated-token cache forgets it (at most usable_until)
     # For audit events, worked out once per token rather than once per request:
     client_id: str | None  # the ``client_id`` or ``azp`` claim
     token_id: str  # the first 16 hex digits of the token's SHA-256
     shown_subject: str  # the subject and client as log lines show them (escaped, bounded)
     shown_client_id: str | None
+    issuer: str  # the configured issuer that vouched for the token
+    verified_by: str  # "jwt" (signature) or "introspection" (RFC 7662)
+
+
+def valid_token(
+    claims: dict[str, Any],
+    *,
+    subject: str,
+    scopes: frozenset[str],
+    usable_until: float,
+    digest: bytes,
+    implied: Implied,
+    issuer: str,
+    verified_by: str,
+    cache_until: float | None = None,
+) -> ValidToken:
+    """A :class:`ValidToken` from checked ``claims`` (a JWT's payload or an introspection
+    answer), with everything worked out once per token; raises :class:`InvalidToken` when the
+    claims cannot be frozen."""
+    client_id = next(
+        (v for v in (claims.get("client_id"), claims.get("azp")) if isinstance(v, str)), None
+    )
+    return ValidToken(
+        subject,
+        _frozen(claims),
+        scopes,
+        with_implied(scopes, implied),
+        usable_until,
+        usable_until if cache_until is None else min(cache_until, usable_until),
+        client_id,
+        digest[:8].hex(),
+        printable(subject),
+        None if client_id is None else printable(client_id),
+        issuer,
+        verified_by,
+    )
+
+
+class TokenCache:
+    """Validated tokens under the SHA-256 of the token, until they stop being usable; one for
+    every issuer, since the issuer is known only once a token is validated. Bounded: when full,
+    the oldest entry goes (an OrderedDict pops it in O(1))."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: OrderedDict[bytes, ValidToken] = OrderedDict()
+        self._size = size
+
+    def get(self, digest: bytes) -> ValidToken | None:
+        hit = self._entries.get(digest)
+        if hit is not None and _clock.now() < hit.cache_until:
+            return hit
+        return None
+
+    def put(self, digest: bytes, valid: ValidToken) -> None:
+        entries = self._entries
+        entries[digest] = valid
+        if len(entries) > self._size:
+            entries.popitem(last=False)
 
 
 def _b64decode(segment: bytes) -> bytes:
@@ -159,7 +219,7 @@ class TokenValidator:
         leeway: float,
         max_bytes: int,
         require_at_jwt: bool,
-        cache_size: int,
+        cache: TokenCache,
         implied: Implied,
     ) -> None:
         self._jwks = jwks
@@ -171,28 +231,11 @@ class TokenValidator:
         self._typ = _TYP_AT_JWT if require_at_jwt else _TYP_ALLOWED
         self._require_typ = require_at_jwt
         self._verifiers = {alg: JWSRegistry.algorithms[alg] for alg in algorithms}
-        # Oldest first: when full, the oldest entry goes (an OrderedDict pops it in O(1)).
-        self._cache: OrderedDict[bytes, ValidToken] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache = cache
         self._implied = implied
 
-    def cached(self, digest: bytes) -> ValidToken | None:
-        """The cached result for the token whose SHA-256 is ``digest``, if still usable."""
-        hit = self._cache.get(digest)
-        if hit is not None and _clock.now() < hit.usable_until:
-            return hit
-        return None
-
     async def validate(self, token: bytes, digest: bytes) -> ValidToken:
-        """Validate ``token`` in full and cache the result; raises :class:`InvalidToken`."""
-        valid = await self._validate(token, digest)
-        cache = self._cache
-        cache[digest] = valid
-        if len(cache) > self._cache_size:
-            cache.popitem(last=False)
-        return valid
-
-    async def _validate(self, token: bytes, digest: bytes) -> ValidToken:
+        """Validate ``token`` in full; raises :class:`InvalidToken`. The caller caches it."""
         if len(token) > self._max_bytes:
             raise InvalidToken("too_large")
         if not _COMPACT_JWS.fullmatch(token):
@@ -223,8 +266,8 @@ class TokenValidator:
         if signing_key is None:
             raise InvalidToken("unknown_key")
         # While the keys were fetched, a concurrent request may have validated this very token.
-        done = self.cached(digest)
-        if done is not None:
+        done = self._cache.get(digest)
+        if done is not None and done.issuer == self._issuer:
             return done
         # The header is already judged and the key chosen, so joserfc's algorithm verifies the
         # signature directly rather than parsing the whole token a second time.
@@ -237,19 +280,15 @@ class TokenValidator:
             verified = False
         if not verified:
             raise InvalidToken("bad_signature")
-        client_id = next(
-            (v for v in (claims.get("client_id"), claims.get("azp")) if isinstance(v, str)), None
-        )
-        return ValidToken(
-            subject,
-            _frozen(claims),
-            scopes,
-            with_implied(scopes, self._implied),
-            usable_until,
-            client_id,
-            digest[:8].hex(),
-            printable(subject),
-            None if client_id is None else printable(client_id),
+        return valid_token(
+            claims,
+            subject=subject,
+            scopes=scopes,
+            usable_until=usable_until,
+            digest=digest,
+            implied=self._implied,
+            issuer=self._issuer,
+            verified_by="jwt",
         )
 
     def _check_claims(self, claims: dict[str, Any]) -> tuple[str, frozenset[str], float]:

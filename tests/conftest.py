@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from asgi_delegation import DelegationMiddleware, ExchangeError, _clock
+from asgi_delegation._exchange import Exchanger
 from asgi_delegation._http import HTTPClient
 from asgi_delegation.testing import LocalAuthorizationServer
 
@@ -232,3 +233,10 @@ def made_clients(monkeypatch: pytest.MonkeyPatch) -> list[httpx.AsyncClient]:
 
     monkeypatch.setattr(HTTPClient, "_open", recording)
     return clients
+
+
+def exchanger_of(middleware: DelegationMiddleware) -> Exchanger:
+    """The exchanger of a single-issuer middleware."""
+    exchanger = middleware._exchanger
+    assert exchanger is not None
+    return exchanger

@@ -39,6 +39,7 @@ from .conftest import (
     Gateway,
     audit_delivered,
     echo_app,
+    exchanger_of,
 )
 
 AUDIT = "asgi_delegation.audit"
@@ -94,7 +95,7 @@ async def settled() -> None:
 
 
 async def background_done(gateway: Gateway) -> None:
-    tasks = list(gateway.middleware._exchanger._background)
+    tasks = list(exchanger_of(gateway.middleware)._background)
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -160,6 +161,8 @@ async def test_first_acceptance_is_info_and_cached_ones_debug(
         "token_id": token_id(token),
         "path": "/tools/list",
         "cached": False,
+        "issuer": auth.issuer,
+        "verified_by": "jwt",
     }
     ((level, event),) = audited(caplog, "authentication")
     assert (level, without_at(event)) == (logging.INFO, expected)
@@ -254,6 +257,9 @@ async def test_rejections(
         "token_id": None if token is None else token_id(token),
         "path": "/mcp",
         "cached": False,
+        # Known once the token is validated: here, only for a lacking scope.
+        "issuer": auth.issuer if subject is not None else None,
+        "verified_by": "jwt" if subject is not None else None,
     }
     assert gateway.middleware.stats()["requests"] == {"accepted": 0, "rejected": {reason: 1}}
 
@@ -302,6 +308,7 @@ def exchange_event(**changes: Any) -> dict[str, Any]:
         "status": 200,
         "error": None,
         "attempts": 1,
+        "issuer": "http://127.0.0.1",  # LocalAuthorizationServer's in-process issuer
     }
     event.update(changes)
     return event
@@ -424,7 +431,7 @@ async def test_background_refresh(
     clock.advance(250)  # inside the 60 s refresh margin
     caplog.set_level(logging.INFO, logger=AUDIT)
     assert (await gateway.exchange(token, GITHUB))["grants"]  # a hit (DEBUG), refresh started
-    assert gateway.middleware._exchanger._background
+    assert exchanger_of(gateway.middleware)._background
     await background_done(gateway)
     ((level, event),) = audited(caplog, "exchange")
     assert level == logging.INFO

@@ -21,7 +21,7 @@ from joserfc.jwk import ECKey, RSAKey
 from asgi_delegation import ConfigurationError
 from asgi_delegation.testing import LocalAuthorizationServer
 
-from .conftest import GITHUB, GOOGLE, SLACK, Gateway, read_body
+from .conftest import GITHUB, GOOGLE, SLACK, Gateway, exchanger_of, read_body
 
 #: Every character that needs care: ':' separates id and secret in Basic, ' ', '+', '/', '=' and
 #: '%' are special in form encoding and base64, and a non-ASCII letter.
@@ -427,7 +427,7 @@ async def test_credentials_from_the_environment(
     monkeypatch.setenv("KEYCARD_CLIENT_SECRET", SECRET)
     auth.register_client(CLIENT, secret=SECRET)
     gateway = gateway_factory(client_id=None, client_secret=None, http_client=recorder.client)
-    client_auth = gateway.middleware._exchanger._client_auth
+    client_auth = exchanger_of(gateway.middleware)._client_auth
     assert client_auth is not None
     assert client_auth.client_id == CLIENT
     assert type(client_auth).__name__ == "SecretBasic"
@@ -568,7 +568,7 @@ async def test_repr_shows_no_secret(
         auth.register_client(CLIENT, public_key=public(EC))
     gateway = gateway_factory(client_id=CLIENT, **options)
     await exchanged(gateway, token, GITHUB)  # credentials in use: loaded, headers built
-    client_auth = gateway.middleware._exchanger._client_auth
+    client_auth = exchanger_of(gateway.middleware)._client_auth
     assert type(client_auth).__name__ == kind
     basic = base64.b64encode(
         f"{quote_plus(CLIENT, safe='')}:{quote_plus(SECRET, safe='')}".encode()

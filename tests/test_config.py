@@ -22,7 +22,7 @@ GOOD: dict[str, Any] = {"issuer": "https://auth.example.com", "resource": RESOUR
         ({"issuer": "auth.example.com"}, "issuer must be an absolute URL with a host"),
         ({"issuer": "https://"}, "issuer must be an absolute URL with a host"),
         ({"issuer": ""}, "issuer must be a non-empty URL string"),
-        ({"issuer": None}, "issuer must be a non-empty URL string"),
+        ({"issuer": None}, "issuer \\(or issuers\\) is required"),
         ({"issuer": "https://auth.example.com?x=1"}, "issuer must not have a query"),
         ({"issuer": "https://auth.example.com#f"}, "issuer must not have a fragment"),
         ({"issuer": "https://u:p@auth.example.com"}, "issuer must not carry credentials"),

@@ -26,7 +26,17 @@ from asgi_delegation import (
 from asgi_delegation.testing import LocalAuthorizationServer, ScriptedAnswer
 from asgi_delegation.testing._serve import loopback_socket, serve_on
 
-from .conftest import BASE_URL, CLIENT_ID, CLIENT_SECRET, GITHUB, GOOGLE, RESOURCE, SLACK, Gateway
+from .conftest import (
+    BASE_URL,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    GITHUB,
+    GOOGLE,
+    RESOURCE,
+    SLACK,
+    Gateway,
+    exchanger_of,
+)
 
 
 def token_requests(auth: LocalAuthorizationServer) -> int:
@@ -126,7 +136,7 @@ async def test_grant_expiry_and_refresh_ahead(
 
 
 async def _background_done(gateway: Gateway) -> None:
-    tasks = list(gateway.middleware._exchanger._background)
+    tasks = list(exchanger_of(gateway.middleware)._background)
     if tasks:
         await asyncio.gather(*tasks)
 

@@ -38,7 +38,17 @@ from hypothesis.stateful import (
 from asgi_delegation import DelegationMiddleware, ExchangeDenied, ExchangeError, Grant, _clock
 from asgi_delegation.testing import LocalAuthorizationServer, ScriptedAnswer
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, GITHUB, GOOGLE, RESOURCE, SLACK, Gateway, read_body
+from .conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    GITHUB,
+    GOOGLE,
+    RESOURCE,
+    SLACK,
+    Gateway,
+    exchanger_of,
+    read_body,
+)
 
 Key = tuple[str, str, str | None]  # (subject token, resource, normalized scope)
 
@@ -397,7 +407,7 @@ class ExchangeMachine(RuleBasedStateMachine):
     @invariant()
     def nothing_left_in_flight(self) -> None:
         assert self.auth.token_requests_in_flight == 0
-        assert not self.middleware._exchanger._flight._flights
+        assert not exchanger_of(self.middleware)._flight._flights
 
     # -- a batch of concurrent exchanges ----------------------------------------------------
 

@@ -15,7 +15,7 @@ import pytest
 from asgi_delegation import AccessContext, ExchangeDenied
 from asgi_delegation.testing import LocalAuthorizationServer, ScriptedAnswer
 
-from .conftest import GITHUB, GOOGLE, RESOURCE, Clock, Gateway
+from .conftest import GITHUB, GOOGLE, RESOURCE, Clock, Gateway, exchanger_of
 
 GatewayFactory = Callable[..., Gateway]
 LEEWAY = 30  # the middleware's default
@@ -55,7 +55,7 @@ def expired_refusal(error: ExchangeDenied, resource: str, token: str) -> None:
 
 
 async def background_done(middleware: Any) -> None:
-    tasks = list(middleware._exchanger._background)
+    tasks = list(exchanger_of(middleware)._background)
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -131,7 +131,7 @@ async def test_a_grant_obtained_as_the_subject_token_expires_is_not_handed_out(
             await context.exchange(GITHUB)
     expired_refusal(refused.value, GITHUB, subject)
     assert token_requests(auth) == 1
-    assert not middleware._exchanger._cache  # nor cached
+    assert not exchanger_of(middleware)._cache  # nor cached
 
 
 async def test_access_refuses_an_earlier_grant_once_the_subject_token_expired(
@@ -179,7 +179,7 @@ async def test_no_refresh_ahead_when_the_subject_token_ends_first(
     grant = await context.exchange(GITHUB)
     clock.advance(SUBJECT_LIFETIME + 10)
     assert await context.exchange(GITHUB) is grant
-    assert not middleware._exchanger._background
+    assert not exchanger_of(middleware)._background
     assert token_requests(auth) == 1
 
 
@@ -202,7 +202,7 @@ async def test_a_failed_refresh_is_retried_after_a_backoff(
     await background_done(gateway.middleware)
     assert token_requests(auth) == 2  # the refresh, which failed
     await gateway.exchange(token, GITHUB)  # within the backoff: served, not refreshed
-    assert not gateway.middleware._exchanger._background
+    assert not exchanger_of(gateway.middleware)._background
     clock.advance(1)  # the first backoff is at most 1 s
     await gateway.exchange(token, GITHUB)
     await background_done(gateway.middleware)

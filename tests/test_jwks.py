@@ -190,7 +190,7 @@ async def test_algorithms_option_narrows(
 async def test_concurrent_cold_copies_of_one_token_verify_its_signature_once(
     gateway: Gateway, auth: LocalAuthorizationServer, token: str, monkeypatch: Any
 ) -> None:
-    verifiers = gateway.middleware._validator._verifiers
+    verifiers = gateway.middleware._trusts[auth.issuer].validator._verifiers
     real = verifiers["RS256"]
     checks = 0
 
@@ -230,7 +230,7 @@ async def test_absent_kids_are_tracked_within_a_byte_budget(
     gateway: Gateway, auth: LocalAuthorizationServer
 ) -> None:
     assert (await gateway.get(auth.mint(audience=RESOURCE))).status_code == 200
-    jwks = gateway.middleware._validator._jwks
+    jwks = gateway.middleware._trusts[auth.issuer].validator._jwks
     for n in range(1500):  # far more than the budget holds at the longest kid
         kid = f"{n:0{MAX_KID_LENGTH}d}"
         assert (

@@ -33,6 +33,7 @@ from .conftest import (
     GOOGLE,
     RESOURCE,
     SLACK,
+    exchanger_of,
     exchanging_app,
     fetches,
 )
@@ -282,10 +283,10 @@ def test_aclose_from_a_later_loop_with_a_refresh_left_in_a_closed_one(
     left = ended.create_task(refreshing())
     ended.run_until_complete(asyncio.sleep(0))  # the task starts and waits
     ended.close()
-    middleware._exchanger._background.add(left)
+    exchanger_of(middleware)._background.add(left)
     asyncio.run(middleware.aclose())
     asyncio.run(middleware.aclose())  # again: still safe
-    assert not middleware._exchanger._background
+    assert not exchanger_of(middleware)._background
     # Collected here, not in some later test: its loop reports the destroyed pending task.
     del left
     gc.collect()

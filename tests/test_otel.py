@@ -24,7 +24,7 @@ from asgi_delegation import ConfigurationError, DelegationMiddleware, _otel
 from asgi_delegation._audit import Auditor, FetchEvent
 from asgi_delegation.testing import LocalAuthorizationServer
 
-from .conftest import CLIENT_SECRET, GITHUB, RESOURCE, SLACK, Gateway, echo_app
+from .conftest import CLIENT_SECRET, GITHUB, RESOURCE, SLACK, Gateway, echo_app, exchanger_of
 
 ISSUER = "http://127.0.0.1"
 METADATA_URL = f"{ISSUER}/.well-known/oauth-authorization-server"
@@ -432,7 +432,7 @@ async def test_a_background_refresh_is_a_span_of_the_request_that_started_it(
     clock.advance(250)  # inside the refresh margin: served from the cache, refreshed behind
     telemetry.exporter.clear()
     _, parent = await under_span(telemetry, traced.exchange(token, GITHUB))
-    await asyncio.gather(*traced.middleware._exchanger._background)
+    await asyncio.gather(*exchanger_of(traced.middleware)._background)
     refresh = telemetry.only("asgi_delegation.exchange")
     assert_child_of(refresh, parent)
     assert refresh.attributes is not None

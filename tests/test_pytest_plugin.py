@@ -97,6 +97,32 @@ def test_options_override(
     assert delegation_auth_server.exchanges[-1]["client_secret"] == delegation_client.secret
 
 
+def test_two_issuers(
+    delegation_auth_servers, delegation_auth_server, delegation_client, delegation_resource
+):
+    first, second = delegation_auth_servers
+    assert first is delegation_auth_server
+    assert second.issuer.startswith("http://127.0.0.1:")
+    assert first.issuer != second.issuer
+    assert first.kid != second.kid
+    registered = second.clients["test-client"]
+    assert registered is not delegation_client
+    assert registered.secret == delegation_client.secret
+
+    credentials = (delegation_client.client_id, delegation_client.secret)
+    for server, other in ((first, second), (second, first)):
+        metadata = httpx.get(server.issuer + "/.well-known/oauth-authorization-server").json()
+        assert metadata["issuer"] == server.issuer  # each served on a loopback port of its own
+        token = server.mint("alice", audience=delegation_resource)
+        assert server.verify(token)["sub"] == "alice"
+        assert other.verify(token) is None  # keys of its own
+        opaque = server.mint_opaque("alice")
+        mine = httpx.post(server.introspection_endpoint, data={"token": opaque}, auth=credentials)
+        theirs = httpx.post(other.introspection_endpoint, data={"token": opaque}, auth=credentials)
+        assert mine.json()["iss"] == server.issuer
+        assert theirs.json() == {"active": False}  # the same credentials are good at both
+
+
 class TestOwnResource:
     @pytest.fixture
     def delegation_resource(self):
@@ -143,7 +169,7 @@ def test_user_tests_pass_with_the_fixtures(pytester: pytest.Pytester) -> None:
     pytester.makeini(USER_INI)
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=8)
 
 
 def test_fixtures_are_listed(pytester: pytest.Pytester) -> None:
@@ -154,7 +180,7 @@ def test_fixtures_are_listed(pytester: pytest.Pytester) -> None:
             "delegation_*",
         ]
     )
-    for name in ("resource", "auth_server", "client", "token", "middleware"):
+    for name in ("resource", "auth_server", "auth_servers", "client", "token", "middleware"):
         assert f"delegation_{name} -- " in result.stdout.str()
 
 

@@ -44,6 +44,7 @@ from .conftest import (
     Clock,
     audit_delivered,
     echo_app,
+    exchanger_of,
     read_body,
 )
 
@@ -505,7 +506,7 @@ async def every_flow(
         if refresh_echo is not None:
             front.echoes.append(refresh_echo)
         assert (await exchange(middleware, seen, alice, GITHUB))["grants"]
-        tasks = list(middleware._exchanger._background)
+        tasks = list(exchanger_of(middleware)._background)
         assert tasks
         await asyncio.gather(*tasks, return_exceptions=True)
     await audit_delivered(middleware)
@@ -588,7 +589,7 @@ async def test_nothing_secret_comes_out(
         texts.append(
             (f"{type(error).__name__}", f"{error!r} {error!s} {error.args!r} {vars(error)!r}")
         )
-    client_auth = middleware._exchanger._client_auth
+    client_auth = exchanger_of(middleware)._client_auth
     texts.append(("client auth", f"{client_auth!r} {client_auth!s}"))
     texts.append(("middleware", f"{middleware!r} {middleware!s}"))
     texts.append(("exchanger", f"{middleware._exchanger!r} {middleware._exchanger!s}"))

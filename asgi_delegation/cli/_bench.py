@@ -193,6 +193,8 @@ async def _deployment(args: argparse.Namespace) -> AsyncIterator[_Target]:
 async def _measure(target: _Target, args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     mw = target.middleware
     embedded = target.mint is not None
+    exchanger = mw._exchanger  # one issuer here
+    assert exchanger is not None
     progress.show("discovery and keys", 0.05)
     await _timed(mw, target.tokens[0])  # discovery, JWKS, first validation: not measured
 
@@ -202,7 +204,7 @@ async def _measure(target: _Target, args: argparse.Namespace, progress: Progress
         first_seen = [await _timed(mw, token) for token in target.tokens[1:]]
     else:  # one token: forget it each time
         for _ in range(args.samples):
-            mw._validator._cache.clear()
+            mw._tokens._entries.clear()
             first_seen.append(await _timed(mw, target.tokens[0]))
     cached = [await _timed(mw, target.tokens[n % len(target.tokens)]) for n in range(args.samples)]
 
@@ -214,7 +216,7 @@ async def _measure(target: _Target, args: argparse.Namespace, progress: Progress
     for i in range(rounds):
         for j, (token, path) in enumerate(pairs):
             if not embedded:
-                mw._exchanger._cache.clear()
+                exchanger._cache.clear()
             cold.append(await _timed(mw, token, path))
             progress.show(
                 "exchanging, cold", 0.25 + 0.35 * (i * len(pairs) + j) / (rounds * len(pairs))
@@ -230,7 +232,7 @@ async def _measure(target: _Target, args: argparse.Namespace, progress: Progress
         await _timed(mw, token)  # validated: the burst measures the exchange alone
     else:  # the one user token: forget its grants
         token = target.tokens[0]
-        mw._exchanger._cache.clear()
+        exchanger._cache.clear()
     calls_before = target.calls()
     start = time.perf_counter()
     statuses = await asyncio.gather(*(_call(mw, token, paths[0]) for _ in range(burst)))

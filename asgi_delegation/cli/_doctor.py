@@ -7,16 +7,23 @@ and say how to fix what fails. One line per check, in this order:
                       names --issuer byte for byte (a trailing slash counts)
   JWKS                the issuer's keys are reachable, with at least one usable signing key
   token endpoint      present, and advertising the token-exchange grant (RFC 8693)
+  introspection       with --introspection ISSUER: that issuer's introspection endpoint (its
+                      metadata's, or --introspection-endpoint) accepts the client credentials
+                      and answers a random token {"active": false} (RFC 7662)
   user token          the token validates for --resource with the middleware itself; if not,
                       why: signature, iss, aud, exp, scopes (with --token, --token-file or
-                      ASGI_DELEGATION_TOKEN; skipped without one)
+                      ASGI_DELEGATION_TOKEN; skipped without one). A JWT is checked at the
+                      issuer its iss names, an opaque token introspected at --introspection
   client credentials  the token endpoint accepts --client-id / --client-secret (an exchange
                       for the first --upstream; skipped without a client id or an upstream)
   upstream RESOURCE   one per --upstream: the exchange succeeds, or what it points to (not a
                       dependency of the application, user has not consented, scope mismatch...)
 
-Each line is PASS, FAIL (followed by a "fix:" line) or SKIP (a check it needs did not pass).
-The user token, the client secret and exchanged tokens are never printed. Prefer
+--issuer may be repeated, once per issuer the middleware trusts (issuers=[...]): the issuer
+URL to introspection checks then run for each, named "discovery (ISSUER)" and so on, and the
+client credentials and upstream checks exchange at the user token's issuer (without a token,
+the first). Each line is PASS, FAIL (followed by a "fix:" line) or SKIP (a check it needs did
+not pass). The user token, the client secret and exchanged tokens are never printed. Prefer
 --token-file or ASGI_DELEGATION_TOKEN to --token, and KEYCARD_CLIENT_SECRET to
 --client-secret: command lines are visible to other users of the machine.
 
@@ -32,8 +39,9 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from hashlib import sha256
+from secrets import token_urlsafe
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,16 +56,19 @@ from .._errors import ConfigurationError, ExchangeError, ExchangeUnavailable
 from .._exchange import TARGET, TOKEN_EXCHANGE, normalize_scope
 from .._fetch import FetchError, fetch_json, parse_json_object
 from .._grant import Grant
+from .._introspection import _Unusable
+from .._issuer import DEFAULT_ALGORITHMS, Issuer
 from .._jwks import MAX_BYTES as JWKS_MAX_BYTES
 from .._jwks import PRIVATE_KEY, SYMMETRIC_KEY, SigningKey, check_key
-from .._middleware import DEFAULT_ALGORITHMS, DelegationMiddleware
+from .._middleware import DelegationMiddleware
 from .._refresh import Unavailable
 from .._scopes import SCOPE_TOKEN
 from .._tokens import REFUSED_HEADERS, InvalidToken, unverified
+from .._trust import unverified_issuer
 from .._types import Message, Receive, Scope, Send
 from .._urls import secure_url
 from ._args import number
-from ._diagnosis import explain
+from ._diagnosis import _CAUSES, explain
 
 TOKEN_ENV = "ASGI_DELEGATION_TOKEN"
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -75,7 +86,7 @@ class Check:
 
 @dataclass
 class Options:
-    issuer: str
+    issuers: list[str]  # in configuration order
     resource: str
     token: str | None
     token_problem: str | None
@@ -84,6 +95,8 @@ class Options:
     upstreams: list[tuple[str, str | None]]
     scopes: list[str]
     timeout: float
+    introspection: str | None = None  # the issuer of opaque tokens, one of issuers
+    introspection_endpoint: str | None = None
     secrets: list[str] = field(default_factory=list)
 
 
@@ -110,7 +123,26 @@ def _upstream(value: str) -> tuple[str, str | None]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--issuer", required=True, metavar="URL", help="the authorization server's issuer"
+        "--issuer",
+        required=True,
+        action="append",
+        metavar="URL",
+        help="an authorization server's issuer; repeat it for each issuer the middleware "
+        "trusts, in configuration order",
+    )
+    parser.add_argument(
+        "--introspection",
+        action="append",
+        default=[],
+        metavar="ISSUER",
+        help="the --issuer whose opaque tokens are introspected (RFC 7662; introspection=True "
+        "in its Issuer): check its introspection endpoint",
+    )
+    parser.add_argument(
+        "--introspection-endpoint",
+        metavar="URL",
+        help="that issuer's introspection endpoint, when its metadata has none "
+        "(introspection_endpoint=)",
     )
     parser.add_argument(
         "--resource",
@@ -200,7 +232,7 @@ def _options(args: argparse.Namespace) -> Options:
     client_secret = args.client_secret or os.environ.get("KEYCARD_CLIENT_SECRET") or None
     secrets = [s for s in (token, client_secret, args.token) if s]
     return Options(
-        issuer=args.issuer,
+        issuers=list(args.issuer),
         resource=args.resource,
         token=token,
         token_problem=problem,
@@ -209,8 +241,29 @@ def _options(args: argparse.Namespace) -> Options:
         upstreams=list(dict.fromkeys(args.upstream)),
         scopes=list(dict.fromkeys(s for group in args.scope for s in group)),
         timeout=args.timeout,
+        introspection=args.introspection[0] if args.introspection else None,
+        introspection_endpoint=args.introspection_endpoint,
         secrets=secrets,
     )
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What makes the command line one the middleware could not be configured as."""
+    issuers: list[str] = args.issuer
+    twice = [issuer for issuer, n in Counter(issuers).items() if n > 1]
+    if twice:
+        return f"--issuer {twice[0]} is given twice"
+    if len(args.introspection) > 1:
+        # An opaque token does not say who issued it: only one issuer may be sent them.
+        return "--introspection may be given once: at most one issuer takes opaque tokens"
+    if args.introspection and args.introspection[0] not in issuers:
+        return (
+            f"--introspection {args.introspection[0]} must be one of the --issuer values "
+            f"({', '.join(issuers)})"
+        )
+    if args.introspection_endpoint is not None and not args.introspection:
+        return "--introspection-endpoint needs --introspection ISSUER"
+    return None
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -274,6 +327,10 @@ def render(checks: Sequence[Check], *, as_json: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = _usage_problem(args)
+    if problem is not None:
+        print(f"asgi-delegation doctor: {problem}", file=sys.stderr)
+        return 2
     options = _options(args)
     checks = redacted(asyncio.run(diagnose(options)), options.secrets)
     print(render(checks, as_json=args.json), flush=True)
@@ -449,8 +506,8 @@ async def _refusal(
     assert options.token is not None
     token = options.token.encode("ascii")
     try:
-        # The middleware's own validator, asked directly: its answer says no more than 401.
-        valid = await middleware._validator.validate(token, sha256(token).digest())
+        # The middleware's own validation, asked directly: its answer says no more than 401.
+        valid = await middleware._verify(token, sha256(token).digest())
     except InvalidToken as exc:
         return _invalid(exc, options, kids)
     except Unavailable:

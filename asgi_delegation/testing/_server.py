@@ -1,16 +1,19 @@
 """LocalAuthorizationServer: an authorization server as a plain ASGI application.
 
 It publishes RFC 8414 and OpenID Connect metadata and a JWKS (with key rotation), and mints
-access tokens with any claims and any header, including broken ones on purpose. Its token
-endpoint does token exchange and the client-credentials grant (which MCP clients use to get
-a token by themselves), and clients may register dynamically (RFC 7591). Use it in
-process (``http_client()``) or on a loopback port (``serve()``).
+access tokens with any claims and any header, including broken ones on purpose, and opaque
+access tokens that its RFC 7662 introspection endpoint answers for. Its token endpoint does
+token exchange and the client-credentials grant (which MCP clients use to get a token by
+themselves), and clients may register dynamically (RFC 7591). Use it in process
+(``http_client()``) or on a loopback port (``serve()``).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import secrets
 import time
 import uuid
 from collections import Counter
@@ -37,6 +40,7 @@ from ._token_endpoint import (
     OAuthError,
     ScriptedAnswer,
     authenticate,
+    introspection_response,
     parse_form,
     register,
     token_response,
@@ -47,6 +51,10 @@ SigningKey = RSAKey | ECKey | OKPKey
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _generate(algorithm: str) -> SigningKey:
@@ -67,7 +75,9 @@ class LocalAuthorizationServer:
     replaces the origin with the port it listens on and keeps the path). Knobs for tests:
     ``jwks_cache_control`` (the JWKS ``Cache-Control`` header), ``extra_jwks`` (raw JWK dicts
     published after the real keys), ``fail_status`` (every endpoint answers that status) and
-    ``requests`` (a counter of requests per path).
+    ``requests`` (a counter of requests per path). The token and introspection endpoints each
+    have a latency, a queue of scripted answers, the forms they saw and a peak of requests at
+    once (``token_*``/``exchanges``, ``introspection_*``/``introspections``).
     """
 
     def __init__(self, issuer: str = "http://127.0.0.1", *, algorithm: str = "RS256") -> None:
@@ -91,6 +101,18 @@ class LocalAuthorizationServer:
         self.exchanges: list[dict[str, str]] = []
         self.token_requests_in_flight = 0
         self.token_requests_peak = 0
+        # Introspection. Tokens are known by their SHA-256 only, so that nothing this object
+        # holds (short of the forms it saw) gives a token away when a test prints it.
+        self._opaque: dict[str, dict[str, Any]] = {}
+        self._revoked: set[str] = set()
+        self.introspection_latency = 0.0
+        self.introspection_answers: list[ScriptedAnswer] = []
+        self.introspections: list[dict[str, str]] = []
+        self.introspection_requests_in_flight = 0
+        self.introspection_requests_peak = 0
+
+    def __repr__(self) -> str:
+        return f"LocalAuthorizationServer(issuer={self.issuer!r}, algorithm={self.algorithm!r})"
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -131,8 +153,11 @@ class LocalAuthorizationServer:
         return client
 
     def verify(self, token: str) -> dict[str, Any] | None:
-        """The claims of ``token`` if this server signed it and it has not expired, else None.
-        Handy for a fake upstream API that checks the delegated tokens it receives."""
+        """The claims of ``token`` if this server signed it and it has neither expired nor
+        been revoked, else None. Handy for a fake upstream API that checks the delegated tokens
+        it receives."""
+        if _digest(token) in self._revoked:
+            return None
         try:
             claims = jwt.decode(token, self._key_for, algorithms=[self.algorithm]).claims
         except Exception:  # any failure to parse or verify means: not a token of ours
@@ -196,6 +221,64 @@ class LocalAuthorizationServer:
             head.pop(name, None)
         return self.sign(head, body, signing_key)
 
+    def mint_opaque(
+        self,
+        subject: str = "user",
+        *,
+        audience: str | list[str] | None = None,
+        scope: str | Iterable[str] | None = None,
+        expires_in: float = 300,
+        claims: Mapping[str, Any] | None = None,
+        omit: Iterable[str] = (),
+    ) -> str:
+        """An opaque access token for ``subject``: random, with no structure (never a JWT), and
+        only this server's introspection endpoint knows what it means.
+
+        It is remembered with the claims introspection answers with: ``iss``, ``sub``, ``iat``,
+        ``exp``, ``client_id``, and ``aud`` and ``scope`` when given. ``claims`` are merged
+        over them and may hold anything, even values no real server would send (``None`` is
+        answered as JSON ``null``); ``omit`` drops members by name, as in :meth:`mint`. The
+        token is active until its ``exp`` passes (if ``exp`` is a number) or it is revoked.
+        """
+        now = int(time.time())
+        body: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": subject,
+            "iat": now,
+            "exp": now + expires_in,
+            "client_id": "local-client",
+        }
+        if audience is not None:
+            body["aud"] = audience
+        if scope is not None:
+            body["scope"] = scope if isinstance(scope, str) else " ".join(scope)
+        body.update(claims or {})
+        for name in omit:
+            body.pop(name, None)
+        # RFC 6750 b64token characters, and no dot: nobody can mistake it for a JWT.
+        token = secrets.token_urlsafe(32)
+        self._opaque[_digest(token)] = body
+        return token
+
+    def revoke(self, token: str) -> None:
+        """Make ``token`` (opaque or a JWT of this server's) inactive: introspection answers
+        ``{"active": false}``, :meth:`verify` returns None and exchanges refuse it."""
+        self._revoked.add(_digest(token))
+
+    def introspect(self, token: str) -> dict[str, Any] | None:
+        """The claims of ``token`` if it is active, else None: what the introspection endpoint
+        answers with (after ``"active": true``). Opaque tokens are active until their ``exp``
+        (when a number) passes; JWTs as long as :meth:`verify` accepts them."""
+        digest = _digest(token)
+        claims = self._opaque.get(digest)
+        if claims is None:
+            return self.verify(token)
+        exp = claims.get("exp")
+        expired = isinstance(exp, int | float) and not isinstance(exp, bool) and exp <= time.time()
+        if expired or digest in self._revoked:
+            return None
+        return dict(claims)
+
     @staticmethod
     def sign(header: Mapping[str, Any], claims: Any, key: SigningKey) -> str:
         """Serialize and sign without any checks: ``claims`` may be any JSON value."""
@@ -223,14 +306,20 @@ class LocalAuthorizationServer:
             "token_endpoint": f"{base}/token",
             "registration_endpoint": f"{base}/register",
             "authorization_endpoint": f"{base}/authorize",
+            "introspection_endpoint": f"{base}/introspect",
             "grant_types_supported": [TOKEN_EXCHANGE, CLIENT_CREDENTIALS],
             "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
+            "introspection_endpoint_auth_methods_supported": list(AUTH_METHODS),
             "response_types_supported": [],
         }
 
     @property
     def token_endpoint(self) -> str:
         return self.issuer.rstrip("/") + "/token"
+
+    @property
+    def introspection_endpoint(self) -> str:
+        return self.issuer.rstrip("/") + "/introspect"
 
     def _routes(self) -> dict[str, str]:
         path = url_path(self.issuer).rstrip("/")
@@ -243,6 +332,7 @@ class LocalAuthorizationServer:
             f"{path}/jwks": "jwks",
             f"{path}/token": "token",
             f"{path}/register": "register",
+            f"{path}/introspect": "introspect",
             f"{path}/authorize": "authorize",
         }
 
@@ -258,7 +348,7 @@ class LocalAuthorizationServer:
         self.requests[path] += 1
         route = self._routes().get(path)
         headers: dict[str, str] = {}
-        if route in ("token", "register") and self.fail_status is None:
+        if route in ("token", "register", "introspect") and self.fail_status is None:
             await self._post(route, scope, receive, send)
             return
         if self.fail_status is not None:
@@ -288,6 +378,41 @@ class LocalAuthorizationServer:
                 return
             if not message.get("more_body"):
                 break
+        if route == "introspect":
+            await self._hold_introspection()
+        else:
+            await self._hold_token()
+        answers = {"token": self.token_answers, "introspect": self.introspection_answers}
+        scripted = answers.get(route)
+        if scripted:
+            await _send_scripted(send, scripted.pop(0))
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        authorization = headers.get("authorization")
+        try:
+            if route == "register":
+                status, document = 201, register(self, body)
+            elif route == "introspect":
+                form = parse_form(body)
+                self.introspections.append(form)
+                status, document = 200, introspection_response(self, form, authorization)
+            else:
+                form = parse_form(body)
+                self.exchanges.append(form)
+                client = authenticate(self, form, authorization, self.token_endpoint)
+                status, document = 200, token_response(self, form, client)
+        except OAuthError as exc:
+            status = exc.status
+            document = {"error": exc.error, "error_description": exc.description}
+        extra = {"cache-control": "no-store"}
+        if status == 401:
+            extra["www-authenticate"] = f'Basic realm="{route}"'
+        await _send_json(send, status, document, extra)
+
+    # Requests are counted in flight while they wait out the latency, so that a test sees how
+    # many a client sends at once.
+
+    async def _hold_token(self) -> None:
         self.token_requests_in_flight += 1
         self.token_requests_peak = max(self.token_requests_peak, self.token_requests_in_flight)
         try:
@@ -295,25 +420,17 @@ class LocalAuthorizationServer:
                 await anyio.sleep(self.token_latency)
         finally:
             self.token_requests_in_flight -= 1
-        if self.token_answers and route == "token":
-            await _send_scripted(send, self.token_answers.pop(0))
-            return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+    async def _hold_introspection(self) -> None:
+        self.introspection_requests_in_flight += 1
+        self.introspection_requests_peak = max(
+            self.introspection_requests_peak, self.introspection_requests_in_flight
+        )
         try:
-            if route == "register":
-                status, document = 201, register(self, body)
-            else:
-                form = parse_form(body)
-                self.exchanges.append(form)
-                client = authenticate(self, form, headers.get("authorization"))
-                status, document = 200, token_response(self, form, client)
-        except OAuthError as exc:
-            status = exc.status
-            document = {"error": exc.error, "error_description": exc.description}
-        extra = {"cache-control": "no-store"}
-        if status == 401:
-            extra["www-authenticate"] = 'Basic realm="token"'
-        await _send_json(send, status, document, extra)
+            if self.introspection_latency:
+                await anyio.sleep(self.introspection_latency)
+        finally:
+            self.introspection_requests_in_flight -= 1
 
     def http_client(self) -> httpx.AsyncClient:
         """An httpx client that reaches this server in process, with no network."""

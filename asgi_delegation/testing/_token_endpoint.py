@@ -1,6 +1,7 @@
 """The token endpoint of LocalAuthorizationServer: RFC 8693 token exchange and the
 client-credentials grant (RFC 6749 4.4, with RFC 8707 resources), with client authentication
-(RFC 6749 2.3.1, RFC 7523), answering as a real server would; and RFC 7591 registration."""
+(RFC 6749 2.3.1, RFC 7523), answering as a real server would; its RFC 7662 introspection
+endpoint, which authenticates clients the same way; and RFC 7591 registration."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class Client:
     """A client registered with LocalAuthorizationServer."""
 
     client_id: str
-    secret: str | None = None
+    # Out of the repr, which pytest prints when an assertion about the client fails.
+    secret: str | None = field(default=None, repr=False)
     public_key: RSAKey | ECKey | OKPKey | None = None
     #: The resources this client may exchange for (its dependencies); None: any.
     allowed_resources: frozenset[str] | None = None
@@ -42,8 +44,9 @@ class Client:
 
 @dataclass
 class ScriptedAnswer:
-    """One answer the token endpoint gives instead of doing its job (then it goes back to
-    normal): any status, body and headers, or ``drop`` to break the connection mid-answer."""
+    """One answer the token or introspection endpoint gives instead of doing its job (then it
+    goes back to normal): any status, body and headers, or ``drop`` to break the connection
+    mid-answer."""
 
     status: int = 200
     body: bytes | Mapping[str, Any] = b""
@@ -77,9 +80,13 @@ def _basic(header: str) -> tuple[str, str]:
 
 
 def authenticate(
-    server: LocalAuthorizationServer, form: dict[str, str], authorization: str | None
+    server: LocalAuthorizationServer,
+    form: dict[str, str],
+    authorization: str | None,
+    endpoint: str,
 ) -> Client:
-    """The client the request authenticates as; raises ``invalid_client``."""
+    """The client the request to ``endpoint`` (the URL a client assertion must be meant for)
+    authenticates as; raises ``invalid_client``."""
     methods = [
         authorization is not None and authorization[:6].lower() == "basic ",
         "client_secret" in form,
@@ -93,14 +100,16 @@ def authenticate(
     elif methods[1]:
         client_id, secret = form.get("client_id", ""), form["client_secret"]
     else:
-        return _assertion_client(server, form)
+        return _assertion_client(server, form, endpoint)
     client = server.clients.get(client_id)
     if client is None or client.secret is None or client.secret != secret:
         raise OAuthError("invalid_client", "client authentication failed", 401)
     return client
 
 
-def _assertion_client(server: LocalAuthorizationServer, form: dict[str, str]) -> Client:
+def _assertion_client(
+    server: LocalAuthorizationServer, form: dict[str, str], endpoint: str
+) -> Client:
     if form.get("client_assertion_type") != ASSERTION_TYPE:
         raise OAuthError("invalid_client", "unsupported client_assertion_type", 401)
     assertion = form["client_assertion"]
@@ -115,7 +124,7 @@ def _assertion_client(server: LocalAuthorizationServer, form: dict[str, str]) ->
     if (
         claims.get("iss") != client.client_id
         or claims.get("sub") != client.client_id
-        or claims.get("aud") not in (server.token_endpoint, server.issuer)
+        or claims.get("aud") not in (endpoint, server.issuer)
         or not isinstance(claims.get("exp"), int | float)
         or claims["exp"] <= now
         or not isinstance(claims.get("jti"), str)
@@ -147,6 +156,23 @@ def token_response(server: LocalAuthorizationServer, form: dict[str, str], clien
     if grant_type == CLIENT_CREDENTIALS:
         return _client_credentials(server, form, client)
     raise OAuthError("unsupported_grant_type", "only token exchange and client credentials are")
+
+
+def introspection_response(
+    server: LocalAuthorizationServer, form: dict[str, str], authorization: str | None
+) -> dict[str, Any]:
+    """The answer to an RFC 7662 introspection request; raises :class:`OAuthError`.
+
+    ``token_type_hint`` is accepted and ignored, as RFC 7662 2.1 allows: the token is looked
+    up among opaque and JWT access tokens alike.
+    """
+    authenticate(server, form, authorization, server.introspection_endpoint)
+    token = form.get("token")
+    if token is None:
+        raise OAuthError("invalid_request", "the token parameter is required")
+    claims = server.introspect(token)
+    # Claims go over "active", so a test can make the server answer a malformed one.
+    return {"active": False} if claims is None else {"active": True, **claims}
 
 
 def _client_credentials(
@@ -214,8 +240,10 @@ def register(server: LocalAuthorizationServer, body: bytes) -> Any:
 def _exchange(server: LocalAuthorizationServer, form: dict[str, str], client: Client) -> Any:
     if form.get("subject_token_type") != ACCESS_TOKEN_TYPE:
         raise OAuthError("invalid_request", "subject_token_type must be an access token")
-    subject = server.verify(form.get("subject_token", ""))
-    if subject is None:
+    # Opaque subject tokens too: the resource server exchanges what its caller sent.
+    subject = server.introspect(form.get("subject_token", ""))
+    # A token minted without a string sub is refused, not answered with a server error.
+    if subject is None or not isinstance(subject.get("sub"), str):
         raise OAuthError("invalid_grant", "the subject token is not valid")
     resource, audience = form.get("resource"), form.get("audience")
     if server.exchange_target == "resource" and audience is not None:

@@ -12,6 +12,11 @@ anyio, ...). Each is function-scoped:
     Running on a free loopback port for the test (``.issuer`` is its URL), with a client
     registered that may exchange tokens for any resource. Needs uvicorn
     (``pip install 'asgi-delegation[serve]'``).
+``delegation_auth_servers`` -> ``(LocalAuthorizationServer, LocalAuthorizationServer)``
+    For tests with two issuers: ``delegation_auth_server`` and a second server on a loopback
+    port of its own, so with another issuer, and with keys of its own. The second has the same
+    client registered (same ``client_id`` and secret, its own :class:`Client` object), so one
+    set of credentials is good at both; mint its tokens with ``second.mint(...)``.
 ``delegation_client`` -> :class:`~asgi_delegation.testing.Client`
     That client: ``.client_id`` is ``"test-client"``, ``.secret`` a random secret. Restrict what
     it may exchange for with ``.allowed_resources = frozenset({...})``.
@@ -56,6 +61,7 @@ from __future__ import annotations
 import importlib.util
 import secrets
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -76,18 +82,36 @@ def delegation_resource() -> str:
     return DEFAULT_RESOURCE
 
 
-@pytest.fixture
-def delegation_auth_server() -> Iterator[LocalAuthorizationServer]:
-    """A LocalAuthorizationServer on a free loopback port, with the client ``test-client``."""
+@contextmanager
+def _running(client_id: str, secret: str | None) -> Iterator[LocalAuthorizationServer]:
+    # Every fixture that serves depends on delegation_auth_server, which is set up first.
     if importlib.util.find_spec("uvicorn") is None:
         pytest.fail(
             "delegation_auth_server needs uvicorn: pip install 'asgi-delegation[serve]'",
             pytrace=False,
         )
     server = LocalAuthorizationServer()
-    server.register_client(TEST_CLIENT_ID, secret=secrets.token_urlsafe(24))
+    server.register_client(client_id, secret=secret)
     with server.running():
         yield server
+
+
+@pytest.fixture
+def delegation_auth_server() -> Iterator[LocalAuthorizationServer]:
+    """A LocalAuthorizationServer on a free loopback port, with the client ``test-client``."""
+    with _running(TEST_CLIENT_ID, secrets.token_urlsafe(24)) as server:
+        yield server
+
+
+@pytest.fixture
+def delegation_auth_servers(
+    delegation_auth_server: LocalAuthorizationServer, delegation_client: Client
+) -> Iterator[tuple[LocalAuthorizationServer, LocalAuthorizationServer]]:
+    """Two issuers: ``delegation_auth_server`` and a second LocalAuthorizationServer on another
+    loopback port, with keys of its own and ``delegation_client``'s id and secret registered."""
+    # The client's credentials, not a new secret: one middleware configuration trusts both.
+    with _running(delegation_client.client_id, delegation_client.secret) as second:
+        yield delegation_auth_server, second
 
 
 @pytest.fixture
