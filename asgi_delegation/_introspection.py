@@ -175,33 +175,28 @@ class Introspector:
         form = {"token": token, "token_type_hint": "access_token"}
         headers = dict(HEADERS)
         deadline = self._deadline
-        give_up_at = anyio.current_time() + deadline
+        limiter = self._limiter.get()
+        body = b""
+        # One deadline over it all; the stage reached tells a timeout or failure apart.
+        stage = "credentials"
         try:
             with anyio.fail_after(deadline):
                 await self._client_auth.apply(form, headers, endpoint)
-        except TimeoutError:  # an OSError too: caught first
-            raise _Unusable(
-                f"the client credentials were not ready within {deadline:g} s"
-            ) from None
-        except OSError as exc:  # AssertionFile: its path and why, never its content
-            raise _Unusable(str(exc)) from None
-        except Exception as exc:
-            raise _Unusable(f"the client credentials failed ({type(exc).__name__})") from None
-        body = b""
-        limiter = self._limiter.get()
-        sent = False
-        try:
-            with anyio.fail_after(max(give_up_at - anyio.current_time(), 0)):
+                stage = "queued"
                 async with limiter:  # excess requests wait here, within the deadline
-                    sent = True
+                    stage = "sent"
                     async with self._http.get().stream(
                         "POST", endpoint, data=form, headers=headers, follow_redirects=False
                     ) as response:
                         status = response.status_code
                         if 200 <= status < 300:
                             body = await read_capped(response, MAX_BODY)
-        except TimeoutError:
-            if not sent:  # every slot was taken (exchanges and introspections) all along
+        except TimeoutError:  # an OSError too: caught first
+            if stage == "credentials":
+                raise _Unusable(
+                    f"the client credentials were not ready within {deadline:g} s"
+                ) from None
+            if stage == "queued":  # every slot was taken (exchanges and introspections)
                 raise _Unusable(
                     f"not sent: the limit of {limiter.total_tokens:g} concurrent requests to the "
                     f"authorization server was reached for all of {deadline:g} s"
@@ -210,6 +205,10 @@ class Introspector:
         except BodyRefused as exc:
             raise _Unusable(f"answered {exc}") from None
         except Exception as exc:
+            if stage == "credentials":
+                if isinstance(exc, OSError):  # AssertionFile: its path and why, not its content
+                    raise _Unusable(str(exc)) from None
+                raise _Unusable(f"the client credentials failed ({type(exc).__name__})") from None
             # Anything httpx or the network below it raises: named by its type alone, since its
             # text may quote the request, which holds the token and the client's credentials.
             raise _Unusable(f"could not be reached ({type(exc).__name__})") from None
