@@ -8,19 +8,21 @@ times (the event's ``at`` minus its latency, and ``at``), as a child of the curr
 
 - ``asgi_delegation.authenticate`` (INTERNAL): ``enduser.id``, ``asgi_delegation.outcome``,
   ``asgi_delegation.reason``, ``asgi_delegation.client_id``, ``asgi_delegation.token_id`` (a
-  short hash, for correlation with the audit log), ``url.path``,
+  short hash, for correlation with the audit log), ``asgi_delegation.issuer``,
+  ``asgi_delegation.verified_by`` ("jwt" or "introspection"), ``url.path``,
   ``http.response.status_code``. Zero-length: the event does not carry a duration. A rejection
   is an outcome, not an error; only a 5xx answer (no usable keys) sets status ERROR.
 - ``asgi_delegation.exchange`` (INTERNAL): ``enduser.id``, ``asgi_delegation.client_id``,
   ``asgi_delegation.resource``, ``asgi_delegation.scope``, ``asgi_delegation.outcome``,
-  ``asgi_delegation.cache``, ``asgi_delegation.attempts``, ``http.response.status_code`` (the
+  ``asgi_delegation.cache``, ``asgi_delegation.attempts``, ``asgi_delegation.issuer``,
+  ``http.response.status_code`` (the
   token endpoint's last answer), ``error.type`` (the OAuth error code); status ERROR when not
   granted.
 - ``GET`` or ``POST`` (CLIENT), one per request to the authorization server (metadata, JWKS,
   and each token-endpoint attempt), with the HTTP semantic conventions:
   ``http.request.method``, ``url.full``, ``url.scheme``, ``server.address``, ``server.port``,
   ``http.response.status_code`` when known, ``error.type`` on failure, and
-  ``asgi_delegation.document`` ("metadata", "jwks" or "token").
+  ``asgi_delegation.document`` ("metadata", "jwks", "token" or "introspection").
 
 Metrics, from the meter named ``asgi_delegation``:
 
@@ -326,6 +328,8 @@ class OpenTelemetrySink:
             "asgi_delegation.reason": event.reason,
             "asgi_delegation.client_id": event.client_id,
             "asgi_delegation.token_id": event.token_id,
+            "asgi_delegation.issuer": event.issuer,
+            "asgi_delegation.verified_by": event.verified_by,
             "url.path": event.path,
             "http.response.status_code": event.status,
             "error.type": event.reason if failed else None,
@@ -343,6 +347,7 @@ class OpenTelemetrySink:
             "asgi_delegation.outcome": event.outcome,
             "asgi_delegation.cache": event.cache,
             "asgi_delegation.attempts": event.attempts,
+            "asgi_delegation.issuer": event.issuer,
             "http.response.status_code": event.status,
             "error.type": event.error if failed else None,
         }

@@ -165,6 +165,8 @@ async def test_first_seen_acceptance_spans_and_fetches(
         "enduser.id": "alice",
         "asgi_delegation.outcome": "accepted",
         "asgi_delegation.client_id": "local-client",
+        "asgi_delegation.issuer": "http://127.0.0.1",
+        "asgi_delegation.verified_by": "jwt",
         "url.path": "/mcp",
         "http.response.status_code": 200,
     }
@@ -335,6 +337,7 @@ async def test_exchange_miss_hit_and_denial(
         "asgi_delegation.outcome": "granted",
         "asgi_delegation.cache": "miss",
         "asgi_delegation.attempts": 1,
+        "asgi_delegation.issuer": "http://127.0.0.1",
         "http.response.status_code": 200,
     }
     post = telemetry.only("POST")  # the request to the token endpoint, a CLIENT span
