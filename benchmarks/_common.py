@@ -48,6 +48,19 @@ ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 # -- the ASGI pieces ---------------------------------------------------------------------------
 
 
+async def bare_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers 200 with a tiny body, whatever the request."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")],
+            "trailers": False,
+        }
+    )
+    await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+
+
 def receiver(method: str) -> Receive:
     """A ``receive`` that returns the same ``http.request`` event, a JSON-RPC call of
     ``method``, every time."""

@@ -41,11 +41,20 @@ from joserfc import jwk, jwt
 
 from asgi_delegation import DelegationMiddleware
 from asgi_delegation._audit import AuditEvent, AuthenticationEvent
-from asgi_delegation._types import ASGIApp, Receive, Scope, Send
+from asgi_delegation._types import ASGIApp, Scope
 from asgi_delegation.testing import LocalAuthorizationServer
 
 from . import _common
-from ._common import RESOURCE, discard, gc_paused, headers_for, http_scope, summary, verdict
+from ._common import (
+    RESOURCE,
+    bare_app,
+    discard,
+    gc_paused,
+    headers_for,
+    http_scope,
+    summary,
+    verdict,
+)
 
 TARGET_ADDED_US = 5.0
 TARGET_FIRST_SEEN_RATIO = 1.2
@@ -65,19 +74,6 @@ QUICK = Config(rounds=7, warm_calls=1000, first_seen_tokens=300)
 
 
 # -- the ASGI pieces ---------------------------------------------------------------------------
-
-
-async def bare_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """Answers 200 with a tiny body, whatever the request."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")],
-            "trailers": False,
-        }
-    )
-    await send({"type": "http.response.body", "body": b"ok", "more_body": False})
 
 
 receive = _common.receiver("tools/list")

@@ -55,11 +55,20 @@ import httpx
 
 from asgi_delegation import DelegationMiddleware
 from asgi_delegation._fetch import HEADERS
-from asgi_delegation._types import ASGIApp, Receive, Scope, Send
+from asgi_delegation._types import ASGIApp, Scope
 from asgi_delegation.testing import LocalAuthorizationServer
 
 from . import _common
-from ._common import RESOURCE, discard, gc_paused, headers_for, http_scope, summary, verdict
+from ._common import (
+    RESOURCE,
+    bare_app,
+    discard,
+    gc_paused,
+    headers_for,
+    http_scope,
+    summary,
+    verdict,
+)
 
 CLIENT_ID, CLIENT_SECRET = "rs", "s3cret"
 SUBJECT = "alice"
@@ -84,19 +93,6 @@ QUICK = Config(rounds=7, hit_calls=1000, cached_tokens=CACHED_TOKENS, first_sigh
 
 
 # -- the ASGI pieces ---------------------------------------------------------------------------
-
-
-async def bare_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """Answers 200 with a tiny body, whatever the request."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")],
-            "trailers": False,
-        }
-    )
-    await send({"type": "http.response.body", "body": b"ok", "more_body": False})
 
 
 receive = _common.receiver("tools/list")
