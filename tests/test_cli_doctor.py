@@ -271,11 +271,16 @@ def test_token_signed_with_another_key(
     assert "the signature does not verify" in checklist(out)["user token"].detail
 
 
-def test_opaque_token(capsys: pytest.CaptureFixture[str], issuer: str) -> None:
+def test_opaque_token_without_an_introspection_issuer(
+    capsys: pytest.CaptureFixture[str], issuer: str
+) -> None:
     opaque = "gho_16C7e42F292c6912E7710c838347Ae178B4a"
     code, out = doctor(capsys, *base_args(issuer, opaque), hidden=(opaque,))
+    user = checklist(out)["user token"]
     assert code == 1
-    assert "not a JWT" in checklist(out)["user token"].detail
+    assert "not a JWT" in user.detail
+    assert user.detail.endswith(": an opaque token, and no --introspection issuer")
+    assert "--introspection ISSUER" in (user.fix or "")
 
 
 def test_token_endpoint_failing(
@@ -528,3 +533,281 @@ def test_only_the_report_is_printed_unless_verbose(
         assert "asgi_delegation.audit: POST token failed" in done.stderr
     else:
         assert done.stderr == ""
+
+
+# -- several issuers, and opaque tokens ---------------------------------------------------------
+
+PER_ISSUER = ["issuer URL", "discovery", "JWKS", "token endpoint"]
+
+
+@pytest.fixture
+def second() -> Iterator[LocalAuthorizationServer]:
+    """Another issuer, on a loopback port of its own, with keys of its own and the same client
+    registered (one set of credentials for both, as with ``delegation_auth_servers``)."""
+    server = LocalAuthorizationServer()
+    server.register_client(CLIENT_ID, secret=CLIENT_SECRET)
+    with server.running():
+        yield server
+
+
+def two_issuers(first: str, other: str, token: str) -> list[str]:
+    return ["--issuer", first, *base_args(other, token)]
+
+
+def test_two_issuers_all_green(
+    capsys: pytest.CaptureFixture[str],
+    issuer: str,
+    second: LocalAuthorizationServer,
+    token: str,
+) -> None:
+    args = two_issuers(issuer, second.issuer, token)
+    code, out = doctor(capsys, *args, "--upstream", GITHUB, hidden=(token,))
+    checks = checklist(out)
+    assert code == 0, out
+    assert list(checks) == [
+        "resource URL",
+        *(f"{name} ({issuer})" for name in PER_ISSUER),
+        *(f"{name} ({second.issuer})" for name in PER_ISSUER),
+        "user token",
+        "client credentials",
+        f"upstream {GITHUB}",
+    ]
+    assert {line.status for line in checks.values()} == {"PASS"}
+    assert checks["user token"].detail.startswith(f"valid for {RESOURCE} (checked at {issuer}): ")
+
+
+def test_second_issuer_failing_is_named(
+    capsys: pytest.CaptureFixture[str],
+    auth: LocalAuthorizationServer,
+    issuer: str,
+    second: LocalAuthorizationServer,
+    token: str,
+) -> None:
+    second.fail_status = 500
+    args = two_issuers(issuer, second.issuer, token)
+    code, out = doctor(capsys, *args, "--upstream", GITHUB, hidden=(token,))
+    checks = checklist(out)
+    assert code == 1
+    failed = [name for name, line in checks.items() if line.status == "FAIL"]
+    assert failed == [f"discovery ({second.issuer})"]
+    assert "answered HTTP 500" in checks[f"discovery ({second.issuer})"].detail
+    assert checks[f"JWKS ({second.issuer})"] == Line("SKIP", "discovery failed", None)
+    # The first issuer's token does not depend on the second issuer.
+    assert checks[f"discovery ({issuer})"].status == "PASS"
+    assert checks["user token"].status == "PASS"
+    assert checks[f"upstream {GITHUB}"].status == "PASS"
+
+    theirs = second.mint("alice", audience=RESOURCE)
+    code, out = doctor(capsys, *two_issuers(issuer, second.issuer, theirs), hidden=(theirs,))
+    user = checklist(out)["user token"]
+    assert user == Line("SKIP", f"the keys of {second.issuer} are not usable", None)
+
+
+def test_jwt_from_the_second_issuer(
+    capsys: pytest.CaptureFixture[str],
+    auth: LocalAuthorizationServer,
+    issuer: str,
+    second: LocalAuthorizationServer,
+) -> None:
+    token = second.mint("bob", audience=RESOURCE, scope="read")
+    args = two_issuers(issuer, second.issuer, token)
+    code, out = doctor(capsys, *args, "--upstream", GITHUB, hidden=(token,))
+    checks = checklist(out)
+    assert code == 0, out
+    user = checks["user token"].detail
+    assert user.startswith(f"valid for {RESOURCE} (checked at {second.issuer}): sub 'bob'")
+    # The exchange went to the token's own issuer, not the first one configured.
+    assert checks[f"upstream {GITHUB}"].status == "PASS"
+    assert (len(auth.exchanges), len(second.exchanges)) == (0, 1)
+
+    expired = second.mint("bob", audience=RESOURCE, expires_in=-600)
+    code, out = doctor(capsys, *two_issuers(issuer, second.issuer, expired), hidden=(expired,))
+    user_line = checklist(out)["user token"]
+    assert code == 1
+    assert user_line.detail == (
+        f"refused (401 invalid_token; checked at {second.issuer}): expired 10 min ago"
+    )
+    assert f"get a fresh token from {second.issuer}" in (user_line.fix or "")
+
+
+def test_jwt_naming_an_unconfigured_issuer(
+    capsys: pytest.CaptureFixture[str],
+    auth: LocalAuthorizationServer,
+    issuer: str,
+    second: LocalAuthorizationServer,
+) -> None:
+    stranger = "https://login.elsewhere.example"
+    token = auth.mint("alice", audience=RESOURCE, claims={"iss": stranger})
+    args = two_issuers(issuer, second.issuer, token)
+    code, out = doctor(capsys, *args, "--upstream", GITHUB, hidden=(token,))
+    checks = checklist(out)
+    assert code == 1
+    user = checks["user token"]
+    assert user.detail == (
+        f"refused (401 invalid_token): iss is {stranger!r}, which names none of the configured "
+        f"issuers ({issuer}, {second.issuer})"
+    )
+    assert "--issuer" in (user.fix or "")
+    assert checks["client credentials"] == Line("SKIP", "no valid user token to exchange", None)
+
+
+def test_opaque_token_introspected(
+    capsys: pytest.CaptureFixture[str], issuer: str, second: LocalAuthorizationServer
+) -> None:
+    opaque = second.mint_opaque("carol", audience=RESOURCE, scope="read")
+    args = [*two_issuers(issuer, second.issuer, opaque), "--introspection", second.issuer]
+    code, out = doctor(capsys, *args, "--upstream", GITHUB, hidden=(opaque,))
+    checks = checklist(out)
+    assert code == 0, out
+    assert f"introspection ({issuer})" not in checks  # only the issuer of opaque tokens
+    introspection = checks[f"introspection ({second.issuer})"]
+    assert introspection.detail == (
+        f"{second.introspection_endpoint} accepts client {CLIENT_ID!r} and answers a random "
+        "token inactive"
+    )
+    probe, user_token = (form["token"] for form in second.introspections)
+    assert probe != opaque
+    assert user_token == opaque
+    assert checks["user token"].detail.startswith(
+        f"valid for {RESOURCE} (introspected at {second.issuer}): sub 'carol', scopes read"
+    )
+    assert checks[f"upstream {GITHUB}"].status == "PASS"
+    assert list(checks).index(f"introspection ({second.issuer})") == 9  # in its issuer's block
+
+    second.revoke(opaque)
+    code, out = doctor(capsys, *args, "--upstream", GITHUB, hidden=(opaque,))
+    checks = checklist(out)
+    assert code == 1
+    assert checks[f"introspection ({second.issuer})"].status == "PASS"
+    user = checks["user token"]
+    assert user.detail == (
+        f"refused (401 invalid_token; introspected at {second.issuer}): the introspection "
+        "endpoint says it is not active (revoked, expired, or not a token of this issuer)"
+    )
+    assert user.fix == f"get a fresh token from {second.issuer} (sign in again)"
+    assert checks["client credentials"] == Line("SKIP", "no valid user token to exchange", None)
+
+
+@pytest.mark.parametrize(
+    ("answer", "detail", "fix"),
+    [
+        (
+            ScriptedAnswer(401, {"error": "invalid_client"}),
+            "refused this middleware's client credentials (HTTP 401): bad application credentials",
+            "KEYCARD_CLIENT_SECRET",
+        ),
+        (
+            ScriptedAnswer(403),
+            "refused this middleware's client credentials (HTTP 403): bad application credentials",
+            "KEYCARD_CLIENT_SECRET",
+        ),
+        (
+            ScriptedAnswer(200, {"active": "false"}),
+            "answered an active member that is not a boolean",
+            "RFC 7662 2.2",
+        ),
+        (ScriptedAnswer(200, b"<html>"), "answered not valid JSON", "RFC 7662 2.2"),
+        (ScriptedAnswer(200, {"active": True}), "that a random token, never issued, is active", ""),
+    ],
+)
+def test_introspection_endpoint_failing(
+    capsys: pytest.CaptureFixture[str],
+    auth: LocalAuthorizationServer,
+    issuer: str,
+    answer: ScriptedAnswer,
+    detail: str,
+    fix: str,
+) -> None:
+    opaque = auth.mint_opaque("alice", audience=RESOURCE)
+    auth.introspection_answers = [answer]  # the check's request only: the next one is real
+    args = [*base_args(issuer, opaque), "--introspection", issuer]
+    code, out = doctor(capsys, *args, hidden=(opaque,))
+    checks = checklist(out)
+    assert code == 1
+    introspection = checks["introspection"]  # one issuer: the name says no more
+    assert introspection.status == "FAIL"
+    assert introspection.detail.startswith(f"{auth.introspection_endpoint} ")
+    assert detail in introspection.detail
+    assert fix in (introspection.fix or "")
+    assert checks["user token"] == Line("SKIP", "the introspection check did not pass", None)
+    assert auth.requests["/introspect"] == 1  # the check's: the user token was not sent
+
+
+def test_introspection_endpoint_location(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    auth: LocalAuthorizationServer,
+    issuer: str,
+) -> None:
+    document = auth.metadata()
+    del document["introspection_endpoint"]
+    monkeypatch.setattr(auth, "metadata", lambda: document)
+    opaque = auth.mint_opaque("alice", audience=RESOURCE)
+    args = [*base_args(issuer, opaque), "--introspection", issuer]
+    code, out = doctor(capsys, *args, hidden=(opaque,))
+    checks = checklist(out)
+    assert code == 1
+    assert checks["introspection"].detail == "the metadata has no introspection_endpoint"
+    assert "--introspection-endpoint" in (checks["introspection"].fix or "")
+    assert checks["user token"].status == "SKIP"
+
+    # Given, the endpoint serves the check and the middleware's own introspection alike.
+    given = [*args, "--introspection-endpoint", auth.introspection_endpoint]
+    code, out = doctor(capsys, *given, hidden=(opaque,))
+    checks = checklist(out)
+    assert code == 0, out
+    assert checks["introspection"].status == "PASS"
+    assert checks["user token"].status == "PASS"
+
+    nowhere = f"http://127.0.0.1:{free_port()}/introspect"
+    code, out = doctor(capsys, *args, "--introspection-endpoint", nowhere, hidden=(opaque,))
+    introspection = checklist(out)["introspection"]
+    assert code == 1
+    assert introspection.detail == f"{nowhere} could not be reached (ConnectError)"
+    assert "reachable" in (introspection.fix or "")
+
+    public = "http://introspection.example/introspect"
+    code, out = doctor(capsys, *args, "--introspection-endpoint", public, hidden=(opaque,))
+    introspection = checklist(out)["introspection"]
+    assert code == 1
+    assert introspection.detail.startswith("--introspection-endpoint must use https://")
+
+
+def test_introspection_without_a_client(
+    capsys: pytest.CaptureFixture[str], auth: LocalAuthorizationServer, issuer: str
+) -> None:
+    args = ["--issuer", issuer, "--resource", RESOURCE, "--introspection", issuer]
+    code, out = doctor(capsys, *args)
+    checks = checklist(out)
+    assert code == 1
+    assert checks["introspection"].status == "FAIL"
+    assert "no client id" in checks["introspection"].detail
+    assert "KEYCARD_CLIENT_ID" in (checks["introspection"].fix or "")
+    assert auth.requests["/introspect"] == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--introspection", "https://c.example"],
+            "--introspection https://c.example must be one of the --issuer values "
+            "(https://a.example, https://b.example)",
+        ),
+        (
+            ["--introspection", "https://a.example", "--introspection", "https://b.example"],
+            "--introspection may be given once",
+        ),
+        (["--issuer", "https://a.example"], "--issuer https://a.example is given twice"),
+        (["--introspection-endpoint", "https://a.example/i"], "needs --introspection ISSUER"),
+    ],
+)
+def test_issuer_usage_errors(
+    capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    argv = ["--issuer", "https://a.example", "--issuer", "https://b.example", *extra]
+    assert main(["doctor", *argv, "--resource", RESOURCE]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("asgi-delegation doctor: ")
+    assert message in err

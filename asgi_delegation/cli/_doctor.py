@@ -496,22 +496,65 @@ _KEYS_UNREACHABLE = (
     "the issuer's keys could not be fetched",
     "check that the authorization server is reachable from this host, then retry",
 )
+_NO_VERDICT = (
+    "the introspection endpoint gave no verdict",
+    "check that it is reachable from this host and answers, then retry",
+)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """The configured issuer a user token is taken to: by its signature, or introspected."""
+
+    issuer: str
+    opaque: bool
+
+
+def _route(token: str, options: Options) -> _Route | None:
+    """Where ``DelegationMiddleware._verify`` takes the token, or None when to no issuer: the
+    same choice, made here to name the issuer and to depend on its checks. The verdict is
+    still the middleware's."""
+    raw = token.encode("ascii")
+    if raw.count(b".") != 2:
+        return None if options.introspection is None else _Route(options.introspection, True)
+    if len(options.issuers) == 1:  # no routing: the issuer's validator checks iss itself
+        return _Route(options.issuers[0], False)
+    try:
+        issuer = unverified_issuer(raw)
+    except InvalidToken:
+        return None
+    return _Route(issuer, False) if issuer in options.issuers else None
+
+
+def _where(route: _Route | None, options: Options) -> str:
+    """Which issuer judged the token, when there was a choice (nothing with one issuer)."""
+    if route is None or not (route.opaque or len(options.issuers) > 1):
+        return ""
+    return f"{'introspected' if route.opaque else 'checked'} at {route.issuer}"
+
+
+def _unavailable(route: _Route | None) -> tuple[str, str]:
+    return _NO_VERDICT if route is not None and route.opaque else _KEYS_UNREACHABLE
 
 
 async def _refusal(
-    middleware: DelegationMiddleware, options: Options, kids: set[str | None]
+    middleware: DelegationMiddleware,
+    options: Options,
+    route: _Route | None,
+    kids: set[str | None],
 ) -> tuple[str, str]:
-    """Why the middleware refused the token, and how to fix it: the validator's own reason, or
-    the required scopes the validated token lacks (compared as the middleware compares them)."""
+    """Why the middleware refused the token, and how to fix it: the validator's (or the
+    introspector's) own reason, or the required scopes the validated token lacks (compared as
+    the middleware compares them)."""
     assert options.token is not None
     token = options.token.encode("ascii")
     try:
         # The middleware's own validation, asked directly: its answer says no more than 401.
         valid = await middleware._verify(token, sha256(token).digest())
     except InvalidToken as exc:
-        return _invalid(exc, options, kids)
+        return _invalid(exc, options, route, kids)
     except Unavailable:
-        return _KEYS_UNREACHABLE
+        return _unavailable(route)
     missing = " ".join(s for s in options.scopes if s not in valid.scopes)
     return (
         f"lacks scope {missing} (it has: {' '.join(sorted(valid.scopes)) or 'none'})",
@@ -520,24 +563,32 @@ async def _refusal(
     )
 
 
-def _invalid(error: InvalidToken, options: Options, kids: set[str | None]) -> tuple[str, str]:
-    """The validator's verdict told for people, quoting the token's unverified header and
-    claims for context, and how to fix it."""
+def _invalid(
+    error: InvalidToken, options: Options, route: _Route | None, kids: set[str | None]
+) -> tuple[str, str]:
+    """The verdict told for people, quoting a JWT's unverified header and claims for context,
+    and how to fix it."""
     assert options.token is not None
     reason = error.reason
+    if reason == "too_large":
+        return (
+            f"too large ({len(options.token)} bytes, over the middleware's max_token_bytes)",
+            "have the authorization server issue smaller tokens, or raise max_token_bytes",
+        )
+    if route is not None and route.opaque:
+        return _introspected(error, route.issuer, options.resource)
     decoded = unverified(options.token.encode("ascii"))
     if reason == "malformed":
         return _malformed(options.token, decoded, error.member)
     # Past "malformed", the validator has decoded the header (and, for claim reasons, the claims).
     header, claims = decoded or (None, None)
     header, claims = header or {}, claims or {}
-    issuer, resource, now = options.issuer, options.resource, _clock.now()
+    if reason == "wrong_issuer":
+        return _wrong_issuer(claims.get("iss"), options.issuers)
+    # Only a malformed token or one of no configured issuer is refused before routing.
+    assert route is not None
+    issuer, resource, now = route.issuer, options.resource, _clock.now()
     fresh = f"get a fresh token from {issuer} (sign in again)"
-    if reason == "too_large":
-        return (
-            f"too large ({len(options.token)} bytes, over the middleware's max_token_bytes)",
-            "have the authorization server issue smaller tokens, or raise max_token_bytes",
-        )
     if reason == "algorithm":
         return (
             f"signed with alg {_show(header.get('alg'), 30)}, which is not accepted",
@@ -562,12 +613,6 @@ def _invalid(error: InvalidToken, options: Options, kids: set[str | None]) -> tu
             f"{name} is {_duration(late - now)} in the future",
             "check the clocks of this host and the authorization server",
         )
-    if reason == "wrong_issuer":
-        return (
-            f"iss is {_show(claims.get('iss'))}, expected {_show(issuer)}",
-            f"get a token from {issuer}, or if {_show(claims.get('iss'))} is the right issuer, "
-            "use it as --issuer and issuer=",
-        )
     if reason == "wrong_audience":
         aud = claims.get("aud")
         auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
@@ -575,14 +620,82 @@ def _invalid(error: InvalidToken, options: Options, kids: set[str | None]) -> tu
         return (
             f"aud is {_show(aud)}, expected {_show(resource)}"
             + (" (trailing slash mismatch)" if slash else ""),
-            f"the client must request its token for resource={resource} (RFC 8707), and that "
-            "exact Resource Identifier must be registered at the authorization server; or "
-            "pass the identifier the tokens carry as --resource",
+            _audience_fix(resource),
         )
     return (  # bad_signature
         "the signature does not verify with the issuer's published keys",
         f"get a fresh token from {issuer}; a token from another environment, or altered, "
         "does not verify",
+    )
+
+
+def _audience_fix(resource: str) -> str:
+    return (
+        f"the client must request its token for resource={resource} (RFC 8707), and that "
+        "exact Resource Identifier must be registered at the authorization server; or "
+        "pass the identifier the tokens carry as --resource"
+    )
+
+
+def _wrong_issuer(iss: object, issuers: Sequence[str]) -> tuple[str, str]:
+    shown = _show(iss)
+    if len(issuers) == 1:
+        return (
+            f"iss is {shown}, expected {_show(issuers[0])}",
+            f"get a token from {issuers[0]}, or if {shown} is the right issuer, "
+            "use it as --issuer and issuer=",
+        )
+    return (
+        f"iss is {shown}, which names none of the configured issuers ({', '.join(issuers)})",
+        f"get a token from one of them, or if {shown} is an issuer to trust, add it with "
+        "--issuer and as an Issuer(...) in issuers=",
+    )
+
+
+def _introspected(error: InvalidToken, issuer: str, resource: str) -> tuple[str, str]:
+    """The introspection's verdict on an opaque token, told for people. Only the reason (and
+    member) is known here: the middleware keeps nothing of an answer that disqualifies."""
+    reason, fresh = error.reason, f"get a fresh token from {issuer} (sign in again)"
+    if reason == "inactive":
+        return (
+            "the introspection endpoint says it is not active (revoked, expired, or not a "
+            "token of this issuer)",
+            fresh,
+        )
+    if reason == "expired":
+        return (
+            "the introspection answer's exp has passed",
+            f"{fresh}; if it was just issued, check this host's clock",
+        )
+    if reason == "not_yet_valid":
+        return (
+            "the introspection answer's nbf or iat is in the future",
+            "check the clocks of this host and the authorization server",
+        )
+    if reason == "wrong_issuer":
+        return (
+            f"the introspection answer names another iss than {issuer}",
+            "--introspection (introspection=True) must name the issuer of the opaque tokens, "
+            "and its introspection endpoint must be its own",
+        )
+    if reason == "wrong_audience":
+        return (
+            f"the introspection answer's aud does not name {_show(resource)}",
+            _audience_fix(resource),
+        )
+    if reason == "type":
+        return (
+            f"the introspection answer's {error.member} says it is no bearer access token",
+            "give an access token: refresh tokens and sender-constrained (cnf) ones are refused",
+        )
+    if error.member == "sub":
+        return (
+            "the introspection answer has no usable sub",
+            "the authorization server must answer sub (a non-empty string) for active tokens",
+        )
+    return (  # malformed: characters no bearer token has (RFC 6750 b64token)
+        "not a bearer token: only letters, digits and -._~+/ (then =) may appear in one",
+        "give the token exactly as a client sends it",
     )
 
 
@@ -598,11 +711,13 @@ def _malformed(
     member: str | None,
 ) -> tuple[str, str]:
     parts = token.split(".")
-    if len(parts) != 3:
+    if len(parts) != 3:  # only when no issuer takes opaque tokens: they are introspected
         return (
-            f"not a JWT (a signed JWT has 3 dot-separated parts, this has {len(parts)})",
-            "the middleware validates JWT access tokens: give the token a client sends, and "
-            "have the authorization server issue JWTs for this resource",
+            f"not a JWT (a signed JWT has 3 dot-separated parts, this has {len(parts)}): an "
+            "opaque token, and no --introspection issuer",
+            "give the token a client sends; if the authorization server issues opaque tokens, "
+            "name it with --introspection ISSUER (introspection=True in the middleware), "
+            "otherwise have it issue JWTs for this resource",
         )
     if decoded is None and not parts[2] and all(parts[:2]):
         return ("unsigned: its signature part is empty", _ASYMMETRIC)
@@ -687,11 +802,14 @@ async def _call(middleware: DelegationMiddleware, resource: str, token: str) -> 
     return answer
 
 
-def _validity(ctx: AccessContext, options: Options) -> str:
+def _validity(ctx: AccessContext, options: Options, where: str) -> str:
     exp = ctx.claims.get("exp")
     left = f", expires in {_duration(exp - _clock.now())}" if isinstance(exp, int | float) else ""
     scopes = " ".join(sorted(ctx.scopes)) or "none"
-    detail = f"valid for {options.resource}: sub {_show(ctx.subject, 60)}, scopes {scopes}{left}"
+    detail = (
+        f"valid for {options.resource}{f' ({where})' if where else ''}: "
+        f"sub {_show(ctx.subject, 60)}, scopes {scopes}{left}"
+    )
     if options.scopes:
         detail += f"; has the required scope {' '.join(options.scopes)}"
     return detail
@@ -710,22 +828,27 @@ class _Capture:
 
 
 async def _user_token(
-    middleware: DelegationMiddleware, app: _Capture, options: Options, kids: set[str | None]
+    middleware: DelegationMiddleware,
+    app: _Capture,
+    options: Options,
+    route: _Route | None,
+    kids: set[str | None],
 ) -> Check:
     name, token = "user token", options.token
     assert token is not None
+    where = _where(route, options)
     answer = await _call(middleware, options.resource, token)
     if app.context is not None:
-        return Check(name, PASS, _validity(app.context, options))
+        return Check(name, PASS, _validity(app.context, options, where))
     try:
         body = parse_json_object(answer["body"])
     except ValueError:
         body = {}
-    said = f"{answer['status']} {body.get('error', '')}".strip()
+    said = f"{answer['status']} {body.get('error', '')}".strip() + (f"; {where}" if where else "")
     if answer["status"] == 503:
-        problem = _KEYS_UNREACHABLE
+        problem = _unavailable(route)
     else:
-        problem = await _refusal(middleware, options, kids)
+        problem = await _refusal(middleware, options, route, kids)
     return Check(name, FAIL, f"refused ({said}): {problem[0]}", problem[1])
 
 
@@ -791,103 +914,287 @@ def _client_configuration(options: Options) -> Check | None:
     return None
 
 
+@dataclass
+class _IssuerReport:
+    """One issuer's own checks, and what the checks after them need to know of it."""
+
+    issuer: str
+    checks: list[Check]  # issuer URL, discovery, JWKS, token endpoint
+    usable: bool  # its URL passed: the middleware can be configured with it
+    metadata: Mapping[str, Any] | None = None
+    kids: set[str | None] | None = None  # its usable signing keys; None when JWKS failed
+    exchange_ready: bool = False  # its token endpoint check passed
+    # With --introspection, for that issuer: where the check probes (and the middleware sends
+    # opaque tokens), then the check itself.
+    introspection_endpoint: str | None = None
+    introspection: Check | None = None
+
+
+async def _issuer(client: httpx.AsyncClient, issuer: str, deadline: float) -> _IssuerReport:
+    url = _url_check(
+        "issuer URL",
+        issuer,
+        "--issuer",
+        "use your authorization server's issuer, an https:// URL (http:// only on "
+        "loopback hosts) without query or fragment",
+    )
+    report = _IssuerReport(issuer, [url], usable=url.status == PASS)
+    if report.usable:
+        discovered, report.metadata = await _discovery(client, issuer, deadline)
+        report.checks.append(discovered)
+    else:
+        report.checks.append(Check("discovery", SKIP, "the issuer URL is unusable"))
+    if report.metadata is None:
+        report.checks += [
+            Check("JWKS", SKIP, "discovery failed"),
+            Check("token endpoint", SKIP, "discovery failed"),
+        ]
+    else:
+        jwks, report.kids = await _jwks(client, report.metadata, deadline)
+        endpoint = _token_endpoint(report.metadata)
+        report.checks += [jwks, endpoint]
+        report.exchange_ready = endpoint.status == PASS
+    return report
+
+
+async def _issuers(client: httpx.AsyncClient, options: Options) -> dict[str, _IssuerReport]:
+    """Every issuer's checks, in configuration order. They run at once, so that an unreachable
+    issuer costs its timeout once rather than delaying every issuer after it."""
+    reports: dict[str, _IssuerReport] = {}
+
+    async def check(issuer: str) -> None:
+        reports[issuer] = await _issuer(client, issuer, options.timeout)
+
+    async with anyio.create_task_group() as tasks:
+        for issuer in options.issuers:
+            tasks.start_soon(check, issuer)
+    return {issuer: reports[issuer] for issuer in options.issuers}
+
+
+def _introspection_endpoint(options: Options, report: _IssuerReport) -> str | Check:
+    """Where the introspection issuer's opaque tokens go, or the check saying why nowhere."""
+    name = "introspection"
+    if not report.usable:
+        return Check(name, SKIP, "the issuer URL is unusable")
+    endpoint: object = options.introspection_endpoint
+    if endpoint is not None:
+        what = "--introspection-endpoint"
+        fix = "give the introspection endpoint's https:// URL (http:// only on loopback hosts)"
+    elif report.metadata is None:
+        return Check(name, SKIP, "discovery failed (or give --introspection-endpoint)")
+    else:
+        endpoint = report.metadata.get("introspection_endpoint")
+        what, fix = "the metadata's introspection_endpoint", "fix the issuer's metadata"
+        if endpoint is None:
+            return Check(
+                name,
+                FAIL,
+                "the metadata has no introspection_endpoint",
+                "publish introspection_endpoint in the authorization server metadata (RFC 8414), "
+                "or give it with --introspection-endpoint and introspection_endpoint=",
+            )
+    try:
+        return secure_url(endpoint, what)
+    except ConfigurationError as exc:
+        return Check(name, FAIL, f"{exc}: {_show(endpoint)}", fix)
+
+
+_Gateway = tuple[DelegationMiddleware, _Capture]
+
+
+def _gateway(
+    client: httpx.AsyncClient,
+    options: Options,
+    resource_ok: bool,
+    reports: Mapping[str, _IssuerReport],
+) -> _Gateway | Check:
+    """The middleware configured as the application would configure it (with every issuer
+    whose URL is usable), in front of an app that keeps the access context it is handed; or,
+    for the checks that need it, why there is none (a check still to be named)."""
+    usable = [report for report in reports.values() if report.usable]
+    if not resource_ok:
+        return Check("", SKIP, "the resource URL is unusable")
+    if not usable:
+        return Check("", SKIP, "no issuer URL is usable")
+    client_ok = _client_configuration(options) is None
+    app = _Capture()
+    try:
+        middleware = DelegationMiddleware(
+            app,
+            issuers=[
+                Issuer(
+                    report.issuer,
+                    introspection=report.issuer == options.introspection,
+                    # Where the introspection check probes: the user token goes there too.
+                    introspection_endpoint=report.introspection_endpoint,
+                    # Explicit, so the environment is not consulted again. Without a usable
+                    # client no exchange or introspection is attempted, and a placeholder
+                    # keeps the middleware constructible.
+                    client_id=options.client_id if client_ok else "asgi-delegation-doctor",
+                    client_secret=options.client_secret if client_ok else "unused",
+                )
+                for report in usable
+            ],
+            resource=options.resource,
+            required_scopes=options.scopes,
+            http_client=client,
+            http_timeout=options.timeout,
+            exchange_timeout=options.timeout,
+        )
+    except ConfigurationError as exc:
+        return Check("", FAIL, str(exc), "see the message")
+    return middleware, app
+
+
+# How the Introspector's reasons for giving no verdict begin: what they point to, and the fix.
+_REACHABLE = (
+    "the introspection endpoint must be reachable from this host: check its URL, the network "
+    "path and the authorization server's status"
+)
+_NO_VERDICT_CAUSES = (
+    ("refused", *_CAUSES["invalid_client"]),
+    ("could not be reached", None, _REACHABLE),
+    ("no answer within", None, _REACHABLE),
+)
+_NOT_RFC_7662 = (
+    "the introspection endpoint must answer 200 with a JSON object whose active member is a "
+    "boolean (RFC 7662 2.2); check that the URL is the issuer's introspection endpoint"
+)
+
+
+def _no_verdict(reason: str) -> tuple[str, str]:
+    """What the Introspector's reason points to (": cause", or nothing), and how to fix it."""
+    for start, cause, fix in _NO_VERDICT_CAUSES:
+        if reason.startswith(start):
+            return ("" if cause is None else f": {cause}"), fix
+    return "", _NOT_RFC_7662
+
+
+async def _introspection(
+    gateway: _Gateway | Check, options: Options, report: _IssuerReport
+) -> Check:
+    """Introspect a random token, which no server issued: a working endpoint authenticates
+    the client and answers it {"active": false}. The middleware's own introspector sends the
+    request and judges the answer, so what passes here is what the middleware accepts."""
+    name, endpoint = "introspection", report.introspection_endpoint
+    assert endpoint is not None  # else report.introspection already says why there is none
+    if options.client_id is None and options.client_secret is None:
+        return Check(
+            name,
+            FAIL,
+            "introspection is authenticated (RFC 7662 2.1), and there is no client id "
+            "(--client-id or KEYCARD_CLIENT_ID)",
+            "set KEYCARD_CLIENT_ID and KEYCARD_CLIENT_SECRET (or --client-id and "
+            "--client-secret) to the Application's client credentials",
+        )
+    if _client_configuration(options) is not None:
+        return Check(name, SKIP, "no usable client credentials")
+    if isinstance(gateway, Check):
+        return replace(gateway, name=name)
+    introspector = gateway[0]._trusts[report.issuer]._introspector
+    assert introspector is not None  # introspection=True, with a client, makes one
+    probe = token_urlsafe(32)
+    try:
+        introspector._judge(
+            await introspector._post(endpoint, probe), sha256(probe.encode()).digest()
+        )
+    except _Unusable as exc:
+        cause, fix = _no_verdict(str(exc))
+        return Check(name, FAIL, f"{endpoint} {exc}{cause}", fix)
+    except InvalidToken as exc:
+        if exc.reason == "inactive":
+            client = _show(options.client_id)
+            detail = f"{endpoint} accepts client {client} and answers a random token inactive"
+            return Check(name, PASS, detail)
+    return Check(
+        name,
+        FAIL,
+        f"{endpoint} answered that a random token, never issued, is active",
+        'an introspection endpoint answers {"active": false} for a token it did not issue '
+        "(RFC 7662 2.2); check that the URL is the issuer's introspection endpoint",
+    )
+
+
 async def diagnose(options: Options) -> list[Check]:
-    checks = [
-        _url_check(
-            "resource URL",
-            options.resource,
-            "--resource",
-            "use the https:// URL clients reach this server at (http:// only on localhost, "
-            "127.0.0.1 or ::1), without #fragment, registered as the Resource Identifier",
-        ),
-        _url_check(
-            "issuer URL",
-            options.issuer,
-            "--issuer",
-            "use your authorization server's issuer, an https:// URL (http:// only on "
-            "loopback hosts) without query or fragment",
-        ),
-    ]
-    resource_ok, issuer_ok = (c.status == PASS for c in checks)
+    resource = _url_check(
+        "resource URL",
+        options.resource,
+        "--resource",
+        "use the https:// URL clients reach this server at (http:// only on localhost, "
+        "127.0.0.1 or ::1), without #fragment, registered as the Resource Identifier",
+    )
+    resource_ok = resource.status == PASS
     async with httpx.AsyncClient(
         follow_redirects=False, timeout=httpx.Timeout(options.timeout)
     ) as client:
-        metadata = kids = None
-        if issuer_ok:
-            discovered, metadata = await _discovery(client, options.issuer, options.timeout)
-            checks.append(discovered)
-        else:
-            checks.append(Check("discovery", SKIP, "the issuer URL is unusable"))
-        if metadata is not None:
-            jwks, kids = await _jwks(client, metadata, options.timeout)
-            checks += [jwks, _token_endpoint(metadata)]
-        else:
-            checks += [
-                Check("JWKS", SKIP, "discovery failed"),
-                Check("token endpoint", SKIP, "discovery failed"),
-            ]
-        exchange_ready = metadata is not None and checks[-1].status == PASS  # token endpoint
-        checks += await _delegation(client, options, resource_ok, kids, exchange_ready)
+        reports = await _issuers(client, options)
+        home = None
+        if options.introspection is not None:
+            home = reports[options.introspection]
+            endpoint = _introspection_endpoint(options, home)
+            if isinstance(endpoint, Check):
+                home.introspection = endpoint
+            else:
+                home.introspection_endpoint = endpoint
+        gateway = _gateway(client, options, resource_ok, reports)
+        try:
+            if home is not None and home.introspection is None:
+                home.introspection = await _introspection(gateway, options, home)
+            checks = [resource]
+            for report in reports.values():
+                own = [*report.checks, *filter(None, [report.introspection])]
+                if len(reports) > 1:  # so that the report says which issuer fails
+                    own = [replace(c, name=f"{c.name} ({report.issuer})") for c in own]
+                checks += own
+            checks += await _delegation(options, resource_ok, gateway, reports)
+        finally:
+            if not isinstance(gateway, Check):
+                await gateway[0].aclose()
     return checks
 
 
 async def _delegation(
-    client: httpx.AsyncClient,
     options: Options,
     resource_ok: bool,
-    kids: set[str | None] | None,
-    exchange_ready: bool,
+    gateway: _Gateway | Check,
+    reports: Mapping[str, _IssuerReport],
 ) -> list[Check]:
-    """The user token, client credentials and upstream checks."""
-    checks: list[Check] = []
-    ctx = None
+    """The user token, client credentials and upstream checks, at the user token's issuer
+    (without a token, the first)."""
+    route = None if options.token is None else _route(options.token, options)
+    home = reports[options.issuers[0] if route is None else route.issuer]
+    user, ctx = await _user_token_check(options, resource_ok, gateway, home, route)
     configured = _client_configuration(options)
-    usable_client = configured is None
-    middleware = None
+    return [user, *await _exchanges(options, ctx, configured, home.exchange_ready)]
+
+
+async def _user_token_check(
+    options: Options,
+    resource_ok: bool,
+    gateway: _Gateway | Check,
+    home: _IssuerReport,
+    route: _Route | None,
+) -> tuple[Check, AccessContext | None]:
+    """The user token check, and the access context of a valid token."""
+    name = "user token"
     if options.token_problem is not None:
-        checks.append(
-            Check(
-                "user token",
-                FAIL,
-                options.token_problem,
-                f"give a user's access token with --token-file PATH or ${TOKEN_ENV}",
-            )
-        )
-    elif options.token is None:
-        checks.append(
-            Check("user token", SKIP, f"no token (--token, --token-file or ${TOKEN_ENV})")
-        )
-    elif not resource_ok:
-        checks.append(Check("user token", SKIP, "the resource URL is unusable"))
-    elif kids is None:
-        checks.append(Check("user token", SKIP, "the issuer's keys are not usable"))
-    else:
-        app = _Capture()
-        try:
-            middleware = DelegationMiddleware(
-                app,
-                issuer=options.issuer,
-                resource=options.resource,
-                required_scopes=options.scopes,
-                http_client=client,
-                http_timeout=options.timeout,
-                exchange_timeout=options.timeout,
-                # Explicit, so the environment is not consulted again. Without a usable client
-                # no exchange is attempted, and a placeholder keeps the middleware constructible.
-                client_id=options.client_id if usable_client else "asgi-delegation-doctor",
-                client_secret=options.client_secret if usable_client else "unused",
-            )
-        except ConfigurationError as exc:
-            checks.append(Check("user token", FAIL, str(exc), "see the message"))
-        else:
-            checks.append(await _user_token(middleware, app, options, kids))
-            ctx = app.context
-    try:
-        checks += await _exchanges(options, ctx, configured, exchange_ready)
-    finally:
-        if middleware is not None:
-            await middleware.aclose()
-    return checks
+        fix = f"give a user's access token with --token-file PATH or ${TOKEN_ENV}"
+        return Check(name, FAIL, options.token_problem, fix), None
+    if options.token is None:
+        return Check(name, SKIP, f"no token (--token, --token-file or ${TOKEN_ENV})"), None
+    if not resource_ok:
+        return Check(name, SKIP, "the resource URL is unusable"), None
+    if route is not None and route.opaque:
+        if home.introspection is None or home.introspection.status != PASS:
+            return Check(name, SKIP, "the introspection check did not pass"), None
+    elif route is not None and home.kids is None:
+        keys = "the issuer's keys" if len(options.issuers) == 1 else f"the keys of {home.issuer}"
+        return Check(name, SKIP, f"{keys} are not usable"), None
+    if isinstance(gateway, Check):
+        return replace(gateway, name=name), None
+    middleware, app = gateway
+    check = await _user_token(middleware, app, options, route, home.kids or set())
+    return check, app.context
 
 
 async def _exchanges(
