@@ -4,6 +4,7 @@ authorization server's own trouble. Also ``introspect_jwts``, which fails closed
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -213,3 +214,39 @@ async def test_an_opaque_token_goes_only_to_the_issuer_that_takes_them(
         await middleware.aclose()
     assert introspections(auth) == 0
     assert introspections(other) == 2
+
+
+async def test_no_opaque_token_or_secret_reaches_a_log_an_event_or_an_answer(
+    gateway_factory: GatewayFactory,
+    auth: LocalAuthorizationServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events: list[Any] = []
+    gateway = gateway_factory(introspection=True, on_audit=events.append)
+    caplog.set_level(logging.DEBUG)
+    good = auth.mint_opaque("alice", audience=RESOURCE)
+    bad = "opaque-" + "x" * 40
+    leaked = [good, bad, CLIENT_SECRET]
+    # Answers that quote the token back, in every shape the introspector refuses.
+    for scripted in (
+        ScriptedAnswer(500, f'{{"error": "boom {bad}"}}'.encode()),
+        ScriptedAnswer(200, f'{{"active": "{bad}"}}'.encode()),
+        ScriptedAnswer(302, b"", {"location": f"https://x.example/?t={bad}"}),
+        ScriptedAnswer(200, f'{{"active": true, "sub": 7, "note": "{bad}"}}'.encode()),
+    ):
+        auth.introspection_answers.append(scripted)
+        answer = await gateway.get(bad)
+        assert answer.status_code == 503
+        assert not any(secret in answer.text + str(answer.headers) for secret in leaked)
+    for token in (good, bad):
+        answer = await gateway.get(token)
+        assert not any(secret in answer.text + str(answer.headers) for secret in leaked)
+    assert (await gateway.exchange(good, GITHUB))["grants"]
+    await audit_delivered(gateway.middleware)
+    written = "\n".join(
+        [r.getMessage() + repr(getattr(r, "audit", "")) for r in caplog.records]
+        + [repr(event) for event in events]
+        + [repr(gateway.middleware._trusts[auth.issuer]._introspector)]
+    )
+    assert events
+    assert not any(secret in written for secret in leaked)
