@@ -35,7 +35,7 @@ from ._errors import ExchangeDenied, ExchangeError, ExchangeNotAllowed, Exchange
 from ._fetch import HEADERS, BodyRefused, read_capped
 from ._grant import Grant
 from ._http import HTTPClient
-from ._loops import PerLoop, cancel
+from ._loops import PerLoop, Slot, cancel
 from ._printable import printable
 from ._refresh import Unavailable
 from ._singleflight import SingleFlight
@@ -439,7 +439,7 @@ class Exchanger:
         try:
             with anyio.fail_after(max(give_up_at - anyio.current_time(), 0)):
                 async with (
-                    self._limiter.get(),
+                    Slot(self._limiter.get()),
                     self._http.get().stream(
                         "POST", endpoint, data=form, headers=headers, follow_redirects=False
                     ) as response,

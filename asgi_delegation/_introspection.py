@@ -31,7 +31,7 @@ from ._client_auth import ClientAuth
 from ._discovery import Discovery
 from ._fetch import HEADERS, BodyRefused, parse_json_object, read_capped
 from ._http import HTTPClient
-from ._loops import PerLoop
+from ._loops import PerLoop, Slot
 from ._refresh import Unavailable
 from ._scopes import Implied
 from ._singleflight import SingleFlight
@@ -183,7 +183,7 @@ class Introspector:
             with anyio.fail_after(deadline):
                 await self._client_auth.apply(form, headers, endpoint)
                 stage = "queued"
-                async with limiter:  # excess requests wait here, within the deadline
+                async with Slot(limiter):  # excess requests wait here, within the deadline
                     stage = "sent"
                     async with self._http.get().stream(
                         "POST", endpoint, data=form, headers=headers, follow_redirects=False
