@@ -199,19 +199,7 @@ class LocalAuthorizationServer:
         values no real server would send; ``omit`` drops claims or header members by name.
         The header's ``alg`` selects the signature (``none`` gives an empty one).
         """
-        now = int(time.time())
-        body: dict[str, Any] = {
-            "iss": self.issuer,
-            "sub": subject,
-            "iat": now,
-            "exp": now + expires_in,
-            "jti": uuid.uuid4().hex,
-            "client_id": "local-client",
-        }
-        if audience is not None:
-            body["aud"] = audience
-        if scope is not None:
-            body["scope"] = scope if isinstance(scope, str) else " ".join(scope)
+        body = self._claims(subject, audience, scope, expires_in, {"jti": uuid.uuid4().hex})
         body.update(claims or {})
         signing_key = key or self.signing_key
         head: dict[str, Any] = {"typ": "at+jwt", "alg": self.algorithm, "kid": signing_key.kid}
@@ -220,6 +208,30 @@ class LocalAuthorizationServer:
             body.pop(name, None)
             head.pop(name, None)
         return self.sign(head, body, signing_key)
+
+    def _claims(
+        self,
+        subject: str,
+        audience: str | list[str] | None,
+        scope: str | Iterable[str] | None,
+        expires_in: float,
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The default claims of a token of this server, JWT or opaque."""
+        now = int(time.time())
+        body: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": subject,
+            "iat": now,
+            "exp": now + expires_in,
+            **extra,
+            "client_id": "local-client",
+        }
+        if audience is not None:
+            body["aud"] = audience
+        if scope is not None:
+            body["scope"] = scope if isinstance(scope, str) else " ".join(scope)
+        return body
 
     def mint_opaque(
         self,
@@ -240,18 +252,7 @@ class LocalAuthorizationServer:
         answered as JSON ``null``); ``omit`` drops members by name, as in :meth:`mint`. The
         token is active until its ``exp`` passes (if ``exp`` is a number) or it is revoked.
         """
-        now = int(time.time())
-        body: dict[str, Any] = {
-            "iss": self.issuer,
-            "sub": subject,
-            "iat": now,
-            "exp": now + expires_in,
-            "client_id": "local-client",
-        }
-        if audience is not None:
-            body["aud"] = audience
-        if scope is not None:
-            body["scope"] = scope if isinstance(scope, str) else " ".join(scope)
+        body = self._claims(subject, audience, scope, expires_in, {})
         body.update(claims or {})
         for name in omit:
             body.pop(name, None)
