@@ -16,6 +16,7 @@ from ._errors import (
     ExchangeError,
     ExchangeNotAllowed,
     ExchangeUnavailable,
+    SharedCacheUnavailable,
 )
 from ._grant import Grant
 from ._issuer import DEFAULT_ALGORITHMS, Issuer
@@ -36,6 +37,7 @@ __all__ = [
     "FetchEvent",
     "Grant",
     "Issuer",
+    "SharedCacheUnavailable",
     "current_access_context",
     "grant",
 ]

@@ -102,7 +102,7 @@ class Stats:
         self.rejected: Counter[str] = Counter()
         self.token_hits = 0
         self.token_misses = 0
-        self.grant_cache: Counter[str] = Counter()  # hit / miss / joined / refresh
+        self.grant_cache: Counter[str] = Counter()  # hit / miss / joined / refresh / shared
         self.exchanges: Counter[str] = Counter()  # by outcome
         self.exchange_errors: Counter[str] = Counter()  # by OAuth error code
         self.token_endpoint: Counter[str] = Counter()  # by HTTP status, or "network"
@@ -113,6 +113,7 @@ class Stats:
         self.delivered = 0
         self.dropped = 0
         self.callback_errors = 0
+        self.shared: Callable[[], dict[str, Any]] | None = None  # the shared cache's counters
 
     def exchange_latency(self, milliseconds: float) -> None:
         self.latency_count += 1
@@ -121,11 +122,13 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         count = self.latency_count
-        return {
+        snapshot: dict[str, Any] = {
             "requests": {"accepted": self.accepted, "rejected": dict(self.rejected)},
             "caches": {
                 "tokens": {"hits": self.token_hits, "misses": self.token_misses},
-                "grants": {k: self.grant_cache[k] for k in ("hit", "miss", "joined", "refresh")},
+                "grants": {
+                    k: self.grant_cache[k] for k in ("hit", "miss", "joined", "refresh", "shared")
+                },
             },
             "exchanges": {
                 "outcomes": dict(self.exchanges),
@@ -144,6 +147,9 @@ class Stats:
                 "callback_errors": self.callback_errors,
             },
         }
+        if self.shared is not None:
+            snapshot["caches"]["shared"] = self.shared()
+        return snapshot
 
 
 class Telemetry(Protocol):

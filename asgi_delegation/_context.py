@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
+from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ._errors import ExchangeError
-from ._exchange import check_subject, normalize_scope
+from ._exchange import Exchanger, check_subject, normalize_scope
 from ._grant import Grant
 from ._tokens import ValidToken
+from ._upstream_auth import UpstreamAuth
 
 if TYPE_CHECKING:
     import httpx
-
-    from ._exchange import Exchanger
 
 
 class AccessContext:
@@ -30,7 +30,11 @@ class AccessContext:
     __slots__ = ("_errors", "_exchanger", "_grants", "_token", "_valid", "token_digest")
 
     def __init__(
-        self, valid: ValidToken, token: bytes, token_digest: bytes, exchanger: Exchanger
+        self,
+        valid: ValidToken,
+        token: bytes,
+        token_digest: bytes,
+        exchanger: Exchanger[AccessContext],
     ) -> None:
         self._valid = valid
         self._token = token  # the subject token for exchanges; never shown
@@ -134,10 +138,13 @@ class AccessContext:
 
     def auth(self, resource: str, *, scope: str | None = None) -> httpx.Auth:
         """An ``httpx.Auth`` sending a grant for ``resource``; on a 401 from the upstream API it
-        drops that grant and exchanges once more."""
-        from ._upstream_auth import UpstreamAuth
-
-        return UpstreamAuth(self, self._exchanger, resource, normalize_scope(scope))
+        drops that grant (here and in the shared cache) and exchanges once more."""
+        normalized = normalize_scope(scope)
+        return UpstreamAuth(
+            resource,
+            partial(self.exchange, resource, scope=normalized),
+            partial(self._exchanger.forget, self, resource, normalized),
+        )
 
     def __repr__(self) -> str:
         return f"AccessContext(subject={self.subject!r}, scopes={sorted(self.scopes)!r})"

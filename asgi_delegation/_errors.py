@@ -5,6 +5,8 @@ The hierarchy::
     DelegationError                  base class: catch this to catch everything below
     ├── ConfigurationError           the middleware was given arguments it cannot work with
     │                                (also a ValueError); raised at construction, never per request
+    ├── SharedCacheUnavailable       the shared grant cache (Redis) could not be told something
+    │                                that must reach every process: an invalidation
     └── ExchangeError                a token exchange (RFC 8693) did not produce a grant
         ├── ExchangeDenied           the authorization server refused (invalid_grant,
         │                            invalid_target, invalid_scope, invalid_client, ...):
@@ -34,6 +36,10 @@ class DelegationError(Exception):
 
 class ConfigurationError(DelegationError, ValueError):
     """An argument given to the middleware is unusable; the message names it and says why."""
+
+
+class SharedCacheUnavailable(DelegationError):
+    """Redis could not be reached, so other processes may not have been told; retry."""
 
 
 class ExchangeError(DelegationError):

@@ -1,12 +1,12 @@
 """Token exchange (RFC 8693): cached, single-flight, retried, bounded.
 
-Grants are cached per (subject token, resource, scope): the key holds a SHA-256 of the subject
-token, never the token, and a middleware has one client and one token endpoint, so no user,
-scope or audience can see another's grant. An entry is served until shortly before the grant
-expires; inside the refresh margin one background refresh runs while the still-valid grant is
-served; when it fails, a later hit tries again after a backoff. No grant is handed out after the
-subject token expires: its lifetime in the cache ends with the subject token's, and an exchange
-for an expired subject token is refused here. Failures are not cached.
+Grants are kept by :mod:`._grants` per (subject token, resource, scope): the key holds a SHA-256
+of the subject token, never the token, and an exchanger has one client and one token endpoint,
+so no user, scope or audience can see another's grant. An entry is served until shortly before
+the grant expires; inside the refresh margin one background refresh runs while the still-valid
+grant is served; when it fails, a later hit tries again after a backoff. No grant is handed out
+after the subject token expires, and an exchange for an expired subject token is refused here.
+Failures are not cached.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 import random
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple, TypeAlias
+from typing import Generic, NamedTuple, TypeVar
 
 import anyio
 import httpx
@@ -34,6 +32,7 @@ from ._discovery import Discovery
 from ._errors import ExchangeDenied, ExchangeError, ExchangeNotAllowed, ExchangeUnavailable
 from ._fetch import HEADERS, BodyRefused, read_capped
 from ._grant import Grant
+from ._grants import Caller, Entry, Grants, Issued, SharedCache
 from ._http import HTTPClient
 from ._loops import PerLoop, Slot, cancel
 from ._printable import printable
@@ -41,21 +40,18 @@ from ._refresh import Unavailable
 from ._singleflight import SingleFlight
 from ._token_response import UNKNOWN_LIFETIME, error_from, grant_from
 
-if TYPE_CHECKING:
-    from ._context import AccessContext
-
 logger = logging.getLogger("asgi_delegation")
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 TARGETS = ("resource", "audience", "both")
 
-Policy: TypeAlias = "Callable[[AccessContext, str, str | None], bool | Awaitable[bool]]"
+C = TypeVar("C", bound=Caller)
+Key = tuple[bytes, str, str | None]  # subject token digest, resource, normalized scope
 
-_EXPIRY_SKEW = 5.0  # a grant this close to expiring is no longer handed out
 _MAX_BODY = 64 * 1024
 _BACKOFF_BASE, _BACKOFF_CAP, _RETRY_AFTER_CAP = 0.1, 2.0, 5.0
-_REFRESH_RETRY_BASE, _REFRESH_RETRY_CAP = 1.0, 30.0  # after a failed refresh ahead of expiry
+_REFRESH_RETRY_CAP = 30.0  # the longest wait before retrying a failed refresh ahead of expiry
 TARGET = re.compile(r"[\x21-\x7e]{1,2048}")
 
 
@@ -67,7 +63,7 @@ def normalize_scope(scope: str | None) -> str | None:
     return " ".join(sorted(set(scope.split()))) or None
 
 
-def check_subject(context: AccessContext, resource: str) -> None:
+def check_subject(context: Caller, resource: str) -> None:
     """Refuse, as the authorization server would, once the caller's token has expired: no grant
     obtained with it is handed out after that, from the cache or not."""
     if _clock.now() >= context.usable_until:
@@ -97,18 +93,7 @@ class _Answer(NamedTuple):
     body: bytes
 
 
-class _Entry:
-    __slots__ = ("backoff", "grant", "refresh_at", "refreshing", "stale_at")
-
-    def __init__(self, grant: Grant, refresh_at: float, stale_at: float) -> None:
-        self.grant = grant
-        self.refresh_at = refresh_at
-        self.stale_at = stale_at
-        self.refreshing = False
-        self.backoff = _REFRESH_RETRY_BASE  # the wait before a retry, should a refresh fail
-
-
-class Exchanger:
+class Exchanger(Generic[C]):
     def __init__(
         self,
         discovery: Discovery,
@@ -120,8 +105,9 @@ class Exchanger:
         target: str,
         requested_token_type: str | None,
         allowed_resources: frozenset[str] | None,
-        policy: Policy | None,
+        policy: Callable[[C, str, str | None], bool | Awaitable[bool]] | None,
         cache_size: int,
+        shared: SharedCache | None,
         refresh_margin: float,
         deadline: float,
         limiter: PerLoop[anyio.CapacityLimiter],
@@ -139,18 +125,24 @@ class Exchanger:
         self._allowed = allowed_resources
         self._policy = policy
         self._policy_in_thread = policy is not None and not is_async(policy)
-        self._cache: OrderedDict[Hashable, _Entry] = OrderedDict()
-        self._cache_size = cache_size
-        self._refresh_margin = refresh_margin
+        client_id = None if client_auth is None else client_auth.client_id
+        self._grants = Grants(
+            issuer=issuer,
+            identity=(client_id, target, requested_token_type),
+            size=cache_size,
+            refresh_margin=refresh_margin,
+            shared=shared,
+        )
         self._deadline = deadline
         # Shared with the other issuers' exchangers and introspection; per loop, since a slot
         # held in a loop that stopped would never be given back.
         self._limiter = limiter
         self._attempts = attempts
+        # By (epoch, key): after an invalidation, no request joins a flight that began before it.
         self._flight: SingleFlight[Grant] = SingleFlight()
         self._background: set[asyncio.Task[Grant]] = set()
 
-    async def exchange(self, context: AccessContext, resource: str, scope: str | None) -> Grant:
+    async def exchange(self, context: C, resource: str, scope: str | None) -> Grant:
         started = time.perf_counter()
         try:
             if self._allowed is not None and resource not in self._allowed:
@@ -163,35 +155,35 @@ class Exchanger:
         except ExchangeError as exc:
             self._ended(context, resource, scope, started, "none", _Trace(), exc)
             raise
-        key = (context.token_digest, resource, scope)
-        entry = self._cache.get(key)
+        key: Key = (context.token_digest, resource, scope)
+        now = _clock.monotonic()
+        entry = self._grants.get(key, now)
         if entry is not None:
-            now = _clock.monotonic()
-            if now < entry.stale_at:
-                self._cache.move_to_end(key)
-                if now >= entry.refresh_at and not entry.refreshing:
-                    entry.refreshing = True
-                    self._refresh_in_background(key, entry, context, resource, scope)
-                self._auditor.stats.grant_cache["hit"] += 1
-                if self._auditor.wants(logging.DEBUG):
-                    self._ended(context, resource, scope, started, "hit", _Trace(), None)
-                return entry.grant
-            del self._cache[key]
-        cache = "joined" if self._flight.in_flight(key) else "miss"
+            if now >= entry.refresh_at and not entry.refreshing:
+                entry.refreshing = True
+                self._refresh_in_background(key, entry, context, resource, scope)
+            self._auditor.stats.grant_cache["hit"] += 1
+            if self._auditor.wants(logging.DEBUG):
+                self._ended(context, resource, scope, started, "hit", _Trace(), None)
+            return entry.grant
+        flight = (self._grants.epoch, key)
+        cache = "joined" if self._flight.in_flight(flight) else "miss"
         trace = _Trace()
-        work = partial(self._obtain, key, context, resource, scope, trace)
+        work = partial(self._obtain, key, context, resource, scope, trace, refresh=False)
         try:
-            grant = await self._flight.run(key, work)
+            grant = await self._flight.run(flight, work)
             check_subject(context, resource)  # it may have expired while the request was out
         except ExchangeError as exc:
             self._ended(context, resource, scope, started, cache, trace, exc)
             raise
+        if cache == "miss" and trace.attempts == 0:
+            cache = "shared"  # another process's grant: the token endpoint was not asked
         self._ended(context, resource, scope, started, cache, trace, None)
         return grant
 
     def _ended(
         self,
-        context: AccessContext,
+        context: C,
         resource: str,
         scope: str | None,
         started: float,
@@ -209,7 +201,7 @@ class Exchanger:
             if error is not None:
                 stats.exchange_errors[error.error] += 1
         milliseconds = (time.perf_counter() - started) * 1000
-        if cache in ("miss", "refresh"):
+        if cache in ("miss", "refresh") and trace.attempts:
             stats.exchange_latency(milliseconds)
         level = (
             logging.DEBUG if cache == "hit" else logging.INFO if error is None else logging.WARNING
@@ -233,14 +225,13 @@ class Exchanger:
         )
         self._auditor.emit(level, event, "exchange for %s %s (%s)", event.resource, outcome, cache)
 
-    def forget(
-        self, context: AccessContext, resource: str, scope: str | None, grant: Grant
-    ) -> None:
-        """Drop ``grant`` from the cache (an upstream API refused it); a newer one stays."""
-        key = (context.token_digest, resource, scope)
-        entry = self._cache.get(key)
-        if entry is not None and entry.grant is grant:
-            del self._cache[key]
+    async def forget(self, context: C, resource: str, scope: str | None, grant: Grant) -> None:
+        """Drop ``grant`` from the caches (an upstream API refused it); a newer one stays."""
+        await self._grants.discard((context.token_digest, resource, scope), context, grant)
+
+    def invalidate(self, subject: str) -> None:
+        """Drop ``subject``'s grants from the in-process cache."""
+        self._grants.invalidated(subject.__eq__)
 
     async def aclose(self) -> None:
         for task in list(self._background):
@@ -249,7 +240,7 @@ class Exchanger:
             else:
                 cancel(task)
 
-    async def _ask_policy(self, context: AccessContext, resource: str, scope: str | None) -> None:
+    async def _ask_policy(self, context: C, resource: str, scope: str | None) -> None:
         assert self._policy is not None
         if self._policy_in_thread:  # a sync policy may block (a database, a file)
             verdict = await anyio.to_thread.run_sync(self._policy, context, resource, scope)
@@ -262,39 +253,30 @@ class Exchanger:
 
     async def _obtain(
         self,
-        key: Hashable,
-        context: AccessContext,
+        key: Key,
+        context: C,
         resource: str,
         scope: str | None,
         trace: _Trace,
+        *,
+        refresh: bool,
     ) -> Grant:
-        grant, seconds = await self._request(context.subject_token, resource, scope, trace)
+        fetch = partial(self._issue, context.subject_token, resource, scope, trace)
+        return await self._grants.obtain(key, context, fetch, refresh=refresh)
+
+    async def _issue(
+        self, subject_token: str, resource: str, scope: str | None, trace: _Trace
+    ) -> Issued:
+        grant, seconds = await self._request(subject_token, resource, scope, trace)
         lifetime = UNKNOWN_LIFETIME if seconds is None else seconds
-        now = _clock.monotonic()
-        grant_ends = now + lifetime - _EXPIRY_SKEW
-        subject_ends = now + context.usable_until - _clock.now()
-        stale_at = min(grant_ends, subject_ends)
-        if stale_at > now:
-            margin = min(self._refresh_margin, lifetime / 2)
-            # Once the subject token ends first, a refreshed grant would end with it too.
-            refresh_at = now + lifetime - margin if grant_ends < subject_ends else math.inf
-            self._cache[key] = _Entry(grant, refresh_at, stale_at)
-            self._cache.move_to_end(key)
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return grant
+        return Issued(grant, _clock.now() + lifetime, lifetime)
 
     def _refresh_in_background(
-        self,
-        key: Hashable,
-        entry: _Entry,
-        context: AccessContext,
-        resource: str,
-        scope: str | None,
+        self, key: Key, entry: Entry, context: C, resource: str, scope: str | None
     ) -> None:
         trace = _Trace()
-        work = partial(self._obtain, key, context, resource, scope, trace)
-        task = self._flight.start(key, work)
+        work = partial(self._obtain, key, context, resource, scope, trace, refresh=True)
+        task = self._flight.start((self._grants.epoch, key), work)
         task.add_done_callback(partial(self._retry_unless_replaced, key, entry))
         if task not in self._background:
             self._background.add(task)
@@ -304,11 +286,11 @@ class Exchanger:
             )
 
     def _retry_unless_replaced(
-        self, key: Hashable, entry: _Entry, task: asyncio.Task[Grant]
+        self, key: Hashable, entry: Entry, task: asyncio.Task[Grant]
     ) -> None:
         """Let a later hit refresh ``entry`` again, after a backoff, if this refresh did not
         replace it (it failed, or its grant was too short-lived to cache)."""
-        if self._cache.get(key) is not entry:
+        if self._grants.peek(key) is not entry:
             return
         delay = random.uniform(entry.backoff / 2, entry.backoff)  # noqa: S311 - jitter
         entry.refresh_at = _clock.monotonic() + delay
@@ -317,7 +299,7 @@ class Exchanger:
 
     def _refreshed(
         self,
-        context: AccessContext,
+        context: C,
         resource: str,
         scope: str | None,
         started: float,

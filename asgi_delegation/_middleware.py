@@ -23,7 +23,8 @@ from ._client_auth import from_environment
 from ._context import AccessContext
 from ._current import _current
 from ._errors import ConfigurationError
-from ._exchange import Exchanger, Policy
+from ._exchange import Exchanger
+from ._grants import SharedCache
 from ._http import HTTPClient
 from ._issuer import DEFAULT_ALGORITHMS, Issuer
 from ._loops import PerLoop
@@ -42,6 +43,11 @@ from ._urls import secure_url
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
+
+    from .redis import RedisGrantCache
+
+#: The application's exchange policy: ``policy(context, resource, scope)`` is True to allow.
+Policy = Callable[[AccessContext, str, "str | None"], "bool | Awaitable[bool]"]
 
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
 
@@ -128,6 +134,7 @@ class DelegationMiddleware:
         allowed_resources: Iterable[str] | None = None,
         policy: Policy | None = None,
         grant_cache_size: int = 10_000,
+        shared_cache: RedisGrantCache | None = None,
         refresh_margin: float = 60.0,
         exchange_timeout: float = 10.0,
         max_concurrent_exchanges: int = 32,
@@ -206,6 +213,8 @@ class DelegationMiddleware:
             raise ConfigurationError("allowed_resources must be a list of resources, not a string")
         if policy is not None and not callable(policy):
             raise ConfigurationError("policy must be a callable")
+        if shared_cache is not None and not isinstance(shared_cache, SharedCache):
+            raise ConfigurationError("shared_cache must be a RedisGrantCache")
         if on_audit is not None and not callable(on_audit):
             raise ConfigurationError("on_audit must be a callable")
         cooldown = _bounded(jwks_refetch_cooldown, "jwks_refetch_cooldown", 0, 86400)
@@ -227,6 +236,9 @@ class DelegationMiddleware:
         self._http = HTTPClient(http_client, timeout=timeout)
         self._auditor = auditor = Auditor(on_audit, sink)
         self._tokens = TokenCache(token_cache_size)
+        self._shared: SharedCache | None = shared_cache
+        if shared_cache is not None:
+            auditor.stats.shared = shared_cache.stats
         # One budget for requests to authorization servers: exchanges and introspections alike.
         limiter = PerLoop(partial(anyio.CapacityLimiter, max_concurrent_exchanges))
         shared = Shared(
@@ -250,6 +262,7 @@ class DelegationMiddleware:
                 ),
                 policy=policy,
                 cache_size=grant_cache_size,
+                shared=shared_cache,
                 refresh_margin=refresh_margin,
                 deadline=exchange_timeout,
                 limiter=limiter,
@@ -475,13 +488,30 @@ class DelegationMiddleware:
         outcome and error, token-endpoint responses by status, fetches, audit delivery."""
         return self._auditor.stats.snapshot()
 
+    async def invalidate_grants(self, subject: str) -> None:
+        """Stop handing out ``subject``'s cached grants (offboarding, revoked consent): at once
+        in this process and, with a ``shared_cache``, in Redis and every other process within
+        half a second. Applies to the subject (``sub``) at every configured issuer.
+
+        Raises :class:`SharedCacheUnavailable` when Redis cannot be told: the grants are gone
+        here, but other processes may serve theirs until they expire; call again."""
+        if not isinstance(subject, str) or not subject:
+            raise TypeError("subject must be a non-empty string: the token's sub claim")
+        for trust in self._trusts.values():
+            trust.exchanger.invalidate(subject)
+        if self._shared is not None:
+            await self._shared.invalidate(list(self._trusts), subject)
+
     async def aclose(self) -> None:
-        """Stop background grant refreshes and close the HTTP client the middleware made for
-        the running event loop (never one passed as ``http_client``). Done automatically at
+        """Stop background grant refreshes, close the HTTP client the middleware made for the
+        running event loop (never one passed as ``http_client``) and the shared cache's
+        connections in it. Done automatically at
         lifespan shutdown. The middleware goes on working: the next request that needs the
         authorization server makes a new client. Safe to call again, and from any loop."""
         for trust in self._trusts.values():
             await trust.exchanger.aclose()
+        if self._shared is not None:
+            await self._shared.aclose()
         await self._auditor.aclose()
         await self._http.aclose()
 

@@ -33,8 +33,9 @@ Metrics, from the meter named ``asgi_delegation``:
 - observable counters read from :class:`~asgi_delegation._audit.Stats` when the reader
   collects, so they cost nothing per request: ``asgi_delegation.requests`` by outcome and
   reason, ``asgi_delegation.cache.hits`` and ``asgi_delegation.cache.misses`` by
-  ``asgi_delegation.cache`` ("tokens" or "grants"; a grant lookup that joined another call's
-  request counts as a miss), ``asgi_delegation.exchanges`` by outcome,
+  ``asgi_delegation.cache`` ("tokens", "grants" or, with a shared cache, "shared"; a grant
+  lookup that joined another call's request or was answered by the shared cache counts as a
+  grants miss), ``asgi_delegation.exchanges`` by outcome,
   ``asgi_delegation.token_endpoint.responses`` by ``http.response.status_code`` (or
   ``error.type`` = "network").
 
@@ -220,6 +221,8 @@ class _Observed:
             caches = snapshot["caches"]
             counts[(("asgi_delegation.cache", "tokens"),)] += caches["tokens"]["hits"]
             counts[(("asgi_delegation.cache", "grants"),)] += caches["grants"]["hit"]
+            if "shared" in caches:
+                counts[(("asgi_delegation.cache", "shared"),)] += caches["shared"]["hit"]
         return _observations(counts)
 
     def _misses(self, options: CallbackOptions) -> list[Observation]:
@@ -228,7 +231,11 @@ class _Observed:
             caches = snapshot["caches"]
             grants = caches["grants"]
             counts[(("asgi_delegation.cache", "tokens"),)] += caches["tokens"]["misses"]
-            counts[(("asgi_delegation.cache", "grants"),)] += grants["miss"] + grants["joined"]
+            counts[(("asgi_delegation.cache", "grants"),)] += (
+                grants["miss"] + grants["joined"] + grants["shared"]
+            )
+            if "shared" in caches:
+                counts[(("asgi_delegation.cache", "shared"),)] += caches["shared"]["miss"]
         return _observations(counts)
 
     def _exchanges(self, options: CallbackOptions) -> list[Observation]:

@@ -18,6 +18,7 @@ import binascii
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import anyio
 
@@ -55,7 +56,7 @@ class Shared:
     introspection_cache_ttl: float
     token_cache_size: int
     # Exchanger with the exchange settings bound; takes the per-issuer arguments.
-    exchanger: Callable[..., Exchanger]
+    exchanger: Callable[..., Exchanger[Any]]
 
 
 class Trust:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Generator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 
 import httpx
 
-if TYPE_CHECKING:
-    from ._context import AccessContext
-    from ._exchange import Exchanger
+from ._grant import Grant
 
 
 class UpstreamAuth(httpx.Auth):
@@ -17,12 +14,14 @@ class UpstreamAuth(httpx.Auth):
     with a fresh one (the upstream API may have revoked it before its expiry)."""
 
     def __init__(
-        self, context: AccessContext, exchanger: Exchanger, resource: str, scope: str | None
+        self,
+        resource: str,
+        exchange: Callable[[], Awaitable[Grant]],
+        forget: Callable[[Grant], Awaitable[None]],
     ) -> None:
-        self._context = context
-        self._exchanger = exchanger
         self._resource = resource
-        self._scope = scope
+        self._exchange = exchange
+        self._forget = forget
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
         raise RuntimeError("delegated grants are obtained asynchronously: use httpx.AsyncClient")
@@ -31,12 +30,12 @@ class UpstreamAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        grant = await self._context.exchange(self._resource, scope=self._scope)
+        grant = await self._exchange()
         request.headers["Authorization"] = f"Bearer {grant.access_token}"
         response = yield request
         if response.status_code == 401:
-            self._exchanger.forget(self._context, self._resource, self._scope, grant)
-            grant = await self._context.exchange(self._resource, scope=self._scope)
+            await self._forget(grant)
+            grant = await self._exchange()
             request.headers["Authorization"] = f"Bearer {grant.access_token}"
             yield request
 

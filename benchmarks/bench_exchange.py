@@ -405,7 +405,7 @@ async def memory(config: Config) -> dict[str, Any]:
         token = (await context.exchange(UPSTREAM)).access_token
         # Untraced, for the time an in-process miss takes (no HTTP).
         seconds = await fill(context, token, n, b"timed")
-        cached = len(context._exchanger._cache)
+        cached = len(context._exchanger._grants)
         # Traced, on a fresh middleware.
         context = await capture(
             middleware(auth, client, grant_cache_size=n + 1),
@@ -420,7 +420,7 @@ async def memory(config: Config) -> dict[str, Any]:
             after = tracemalloc.get_traced_memory()[0]
         finally:
             tracemalloc.stop()
-    if cached != n + 1 or len(context._exchanger._cache) != n:
+    if cached != n + 1 or len(context._exchanger._grants) != n:
         fail(f"memory: the grant caches do not hold {n + 1} and {n} grants")
     per_grant = (after - before) / n
     overhead = per_grant - len(token)

@@ -235,7 +235,7 @@ def made_clients(monkeypatch: pytest.MonkeyPatch) -> list[httpx.AsyncClient]:
     return clients
 
 
-def exchanger_of(middleware: DelegationMiddleware) -> Exchanger:
+def exchanger_of(middleware: DelegationMiddleware) -> Exchanger[Any]:
     """The exchanger of a single-issuer middleware."""
     exchanger = middleware._exchanger
     assert exchanger is not None

@@ -362,7 +362,7 @@ async def test_concurrent_identical_exchanges_join_one(
         else:  # they sent nothing themselves
             assert timed(event) == exchange_event(cache="joined", status=None, attempts=0)
     grants = gateway.middleware.stats()["caches"]["grants"]
-    assert grants == {"hit": 0, "miss": 1, "joined": 3, "refresh": 0}
+    assert grants == {"hit": 0, "miss": 1, "joined": 3, "refresh": 0, "shared": 0}
 
 
 async def test_denied(
@@ -446,6 +446,7 @@ async def test_background_refresh(
         "miss": 1,
         "joined": 0,
         "refresh": 1,
+        "shared": 0,
     }
 
 
@@ -768,7 +769,7 @@ async def test_stats_after_a_scripted_sequence(
         },
         "caches": {
             "tokens": {"hits": 10, "misses": 4},
-            "grants": {"hit": 2, "miss": 5, "joined": 2, "refresh": 1},
+            "grants": {"hit": 2, "miss": 5, "joined": 2, "refresh": 1, "shared": 0},
         },
         "exchanges": {
             "outcomes": {"granted": 6, "denied": 1, "not_allowed": 1, "unavailable": 1},

@@ -405,7 +405,7 @@ async def test_httpx_auth_re_exchanges_once_after_a_401(
 def test_httpx_auth_refuses_sync_clients(auth: LocalAuthorizationServer) -> None:
     from asgi_delegation._upstream_auth import UpstreamAuth
 
-    flow = UpstreamAuth(None, None, GITHUB, None).sync_auth_flow(  # type: ignore[arg-type]
+    flow = UpstreamAuth(GITHUB, None, None).sync_auth_flow(  # type: ignore[arg-type]
         httpx.Request("GET", GITHUB)
     )
     with pytest.raises(RuntimeError, match="AsyncClient"):

@@ -216,7 +216,7 @@ async def _measure(target: _Target, args: argparse.Namespace, progress: Progress
     for i in range(rounds):
         for j, (token, path) in enumerate(pairs):
             if not embedded:
-                exchanger._cache.clear()
+                exchanger._grants.flush()
             cold.append(await _timed(mw, token, path))
             progress.show(
                 "exchanging, cold", 0.25 + 0.35 * (i * len(pairs) + j) / (rounds * len(pairs))
@@ -232,7 +232,7 @@ async def _measure(target: _Target, args: argparse.Namespace, progress: Progress
         await _timed(mw, token)  # validated: the burst measures the exchange alone
     else:  # the one user token: forget its grants
         token = target.tokens[0]
-        exchanger._cache.clear()
+        exchanger._grants.flush()
     calls_before = target.calls()
     start = time.perf_counter()
     statuses = await asyncio.gather(*(_call(mw, token, paths[0]) for _ in range(burst)))
