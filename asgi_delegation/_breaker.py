@@ -59,6 +59,10 @@ class Breaker:
             self._interval = self._first_probe
             self._logger.warning("%s is reachable again: in use once more", self._what)
 
+    def noted(self, cause: str) -> None:
+        """A failure outside the calls the breaker guards: warned about, nothing else."""
+        self._warn(cause, _clock.monotonic())
+
     def failed(self, cause: str) -> None:
         self.counts[cause] += 1
         self._failures += 1
@@ -70,6 +74,9 @@ class Breaker:
             self._open = True
             self.counts["opened"] += 1
             self._probe_at = now + self._interval
+        self._warn(cause, now)
+
+    def _warn(self, cause: str, now: float) -> None:
         warned = self._warned_at.get(cause)
         if warned is None or now - warned >= self._warn_every:
             self._warned_at[cause] = now

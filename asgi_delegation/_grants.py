@@ -85,9 +85,13 @@ class Listener(Protocol):
 class SharedCache(Protocol):
     def attach(self, listener: Listener) -> None: ...
 
+    def available(self) -> bool:
+        """Whether to use it for the next lookup (False while its circuit breaker is open)."""
+
     async def obtain(self, item: Item, fetch: Fetch, accept: Callable[[Issued], bool]) -> Issued:
         """A grant ``accept`` takes, from the shared cache or from ``fetch()``, which runs at
-        most once across processes at a time; what ``fetch()`` returns is stored."""
+        most once across processes at a time; what ``fetch()`` returns is stored. Asked only
+        after :meth:`available` said yes."""
 
     async def discard(self, item: Item, grant: Grant) -> None:
         """Remove ``grant`` if it is still the one stored for ``item``."""
@@ -157,7 +161,8 @@ class Grants:
         shared grant not itself due for refresh is taken."""
         epoch = self.epoch
         usable_until = caller.usable_until
-        if self._shared is None:
+        shared = self._shared
+        if shared is None or not shared.available():  # build no Item when it is not used
             issued = await fetch()
         else:
             now = _clock.now()
@@ -166,7 +171,7 @@ class Grants:
             def accept(issued: Issued) -> bool:
                 return due(issued, usable_until) > now
 
-            issued = await self._shared.obtain(self._item(key, caller), fetch, accept)
+            issued = await shared.obtain(self._item(key, caller), fetch, accept)
         if epoch == self.epoch:
             self._put(key, caller.subject, usable_until, issued)
         return issued.grant
@@ -179,7 +184,7 @@ class Grants:
         entry = self._entries.get(key)
         if entry is not None and entry.grant is grant:
             del self._entries[key]
-        if self._shared is not None:
+        if self._shared is not None and self._shared.available():
             await self._shared.discard(self._item(key, caller), grant)
 
     def invalidated(self, matches: Callable[[str], bool]) -> None:

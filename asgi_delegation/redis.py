@@ -39,7 +39,7 @@ from ._errors import ConfigurationError, SharedCacheUnavailable
 from ._grant import Grant
 from ._grants import Fetch, Issued, Item, Listener
 from ._loops import PerLoop
-from ._sealing import Keyring
+from ._sealing import _NAME_CHARS, Keyring
 
 try:
     import redis.asyncio as aioredis
@@ -50,6 +50,7 @@ try:
     from redis.exceptions import (
         DataError,
         InvalidResponse,
+        OutOfMemoryError,
         ReadOnlyError,
         RedisError,
         ResponseError,
@@ -72,6 +73,19 @@ _LISTEN_FIRST, _LISTEN_MAX = 0.2, 2.0  # resubscribing after the subscription br
 _GENERATION_TTL_MS = (86400 + 3600) * 1000  # outlives every grant: none lives over a day
 _MIN_TTL = 1.0  # a grant with less than this to live is not worth a write
 _MAX_MESSAGE = 64 * 1024
+#: Every command the cache sends (for an ACL user's rules: ``asgi-delegation doctor`` prints
+#: them). EVALSHA and SCRIPT LOAD run the lease release; SUBSCRIBE the announcements.
+COMMANDS = (
+    "get",
+    "mget",
+    "set",
+    "del",
+    "evalsha",
+    "script|load",
+    "publish",
+    "subscribe",
+    "unsubscribe",
+)
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -96,6 +110,18 @@ class _Names:
 
 def _generation_key(prefix: str) -> str:
     return f"{prefix}:v"
+
+
+def grant_pattern(namespace: str) -> str:
+    """A SCAN MATCH pattern for the grants of ``namespace`` and of no other: ``{NS:TAG}:g:ITEM``,
+    TAG and ITEM being names of ``_NAME_CHARS`` characters (namespace "a" must not take "a:b"'s)."""
+    name = "?" * _NAME_CHARS
+    return f"{{{_glob(namespace)}:{name}}}:g:{name}"
+
+
+def _glob(text: str) -> str:
+    """``text`` matched literally in a Redis glob pattern (SCAN MATCH, ACL key patterns)."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
 
 
 class _LoopState:
@@ -187,9 +213,10 @@ class RedisGrantCache:
     def attach(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def available(self) -> bool:
+        return self._breaker.allows()
+
     async def obtain(self, item: Item, fetch: Fetch, accept: Callable[[Issued], bool]) -> Issued:
-        if not self._breaker.allows():
-            return await fetch()
         state = self._state()
         names = self._names(item)
         try:
@@ -203,8 +230,6 @@ class RedisGrantCache:
         return await self._single_flight(state, names, generation, item, fetch, accept)
 
     async def discard(self, item: Item, grant: Grant) -> None:
-        if not self._breaker.allows():
-            return
         state = self._state()
         names = self._names(item)
         with suppress(_Down):
@@ -231,8 +256,7 @@ class RedisGrantCache:
             await self._call(lambda: state.client.publish(self._channel, "i" + ",".join(tags)))
         except _Down:
             raise SharedCacheUnavailable(
-                f"the shared grant cache ({self._where}) could not be reached: "
-                "other processes were not told"
+                f"the shared grant cache ({self._where}) failed: other processes were not told"
             ) from None
         self._counts["invalidated"] += 1
 
@@ -283,7 +307,8 @@ class RedisGrantCache:
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
-            with anyio.fail_after(self._timeout):
+            # asyncio's own timeout: a cancel scope costs more than the round trip it bounds.
+            async with asyncio.timeout(self._timeout):
                 result = await operation()
         except TimeoutError:
             self._breaker.failed("timeout")
@@ -295,19 +320,24 @@ class RedisGrantCache:
         return result
 
     async def _lookup(
-        self, state: _LoopState, names: list[_Names], accept: Callable[[Issued], bool]
+        self,
+        state: _LoopState,
+        names: list[_Names],
+        accept: Callable[[Issued], bool],
+        *,
+        again: bool = False,
     ) -> tuple[Issued | None, int | None]:
         """The first acceptable grant under any key's name, and the newest key's generation
-        (None when it is unreadable: nothing is written then)."""
-        # Two GETs, not an MGET: a cluster pipeline takes no multi-key command.
-        keys = [key for one in names for key in (one.generation, one.grant)]
-        answers = await self._call(partial(_get, state.client, keys))
+        (None when it is unreadable: nothing is written then). Looking ``again`` at the same
+        entries counts no unreadable one twice."""
+        # One MGET per key's names (they share a hash tag, so a cluster slot): one round trip.
+        answers = await self._call(partial(_generations_and_grants, state.client, names))
         newest: int | None = None
-        for index, one in enumerate(names):
-            generation = _generation(answers[2 * index])
+        for index, (one, (raw_generation, sealed)) in enumerate(zip(names, answers, strict=True)):
+            generation = _generation(raw_generation)
             if index == 0:
                 newest = generation
-            found = self._open(index, one, answers[2 * index + 1])
+            found = self._open(index, one, sealed, count=not again)
             if found is None or generation is None:
                 continue
             issued, written_under = found
@@ -315,12 +345,14 @@ class RedisGrantCache:
                 return issued, newest
         return None, newest
 
-    def _open(self, index: int, names: _Names, sealed: object) -> tuple[Issued, int] | None:
+    def _open(
+        self, index: int, names: _Names, sealed: object, *, count: bool = True
+    ) -> tuple[Issued, int] | None:
         if sealed is None:
             return None
         plain = self._keyring.open(index, sealed, names.grant.encode())
         found = None if plain is None else _decoded(plain)
-        if found is None:
+        if found is None and count:
             self._counts["unreadable"] += 1  # corrupt, foreign or moved: a miss, overwritten
         return found
 
@@ -346,7 +378,9 @@ class RedisGrantCache:
             except _Down:
                 return await fetch()
             if held:
-                return await self._fetch_holding(state, newest, lease, generation, item, fetch)
+                return await self._fetch_holding(
+                    state, names, lease, generation, item, fetch, accept
+                )
             if delay == _POLL_FIRST:
                 self._counts["waited"] += 1
             remaining = give_up_at - _clock.monotonic()
@@ -370,20 +404,31 @@ class RedisGrantCache:
     async def _fetch_holding(
         self,
         state: _LoopState,
-        names: _Names,
+        names: list[_Names],
         lease: str,
         generation: int | None,
         item: Item,
         fetch: Fetch,
+        accept: Callable[[Issued], bool],
     ) -> Issued:
+        newest = names[0]
         try:
+            # The previous holder may have stored the grant and released the lease between
+            # this process's last look and its taking the lease: look once more.
+            try:
+                issued, generation = await self._lookup(state, names, accept, again=True)
+            except _Down:
+                issued = None
+            if issued is not None:
+                self._counts["hit"] += 1
+                return issued
             issued = await fetch()
-            await self._store(state, names, generation, item, issued)
+            await self._store(state, newest, generation, item, issued)
         finally:
             # Even when cancelled: the waiters should not sit out the whole lease.
             with anyio.CancelScope(shield=True), suppress(_Down):
-                await self._call(lambda: state.release(keys=[names.lease], args=[lease]))
-                await self._call(lambda: state.client.publish(self._channel, "g" + names.item))
+                await self._call(lambda: state.release(keys=[newest.lease], args=[lease]))
+                await self._call(lambda: state.client.publish(self._channel, "g" + newest.item))
         return issued
 
     async def _store(
@@ -442,7 +487,9 @@ class RedisGrantCache:
                     if self._received(state, message):
                         backoff = _LISTEN_FIRST
             except Exception as exc:  # the connection broke: subscribe again, with a backoff
-                self._breaker.failed(_cause(exc))
+                # Warned about, but the breaker's state is the requests' to decide: counting
+                # these would push its probes out while Redis is away.
+                self._breaker.noted(_cause(exc))
             finally:
                 if pubsub is not None:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
@@ -458,6 +505,7 @@ class RedisGrantCache:
             # can be trusted not to have been invalidated.
             for listener in self._listeners:
                 listener.flush()
+            self._breaker.succeeded()  # Redis answers again: no need to wait for a probe
             return True
         if kind != "message" or not isinstance(data, bytes) or len(data) > _MAX_MESSAGE:
             return False
@@ -487,11 +535,20 @@ async def _get(client: Any, keys: list[str]) -> list[Any]:
     return answers
 
 
+async def _generations_and_grants(client: Any, names: list[_Names]) -> list[tuple[Any, Any]]:
+    """Each key's (generation, sealed grant): concurrent MGETs, one per hash tag."""
+    answers = await asyncio.gather(*(client.mget(one.generation, one.grant) for one in names))
+    if not all(isinstance(answer, list) and len(answer) == 2 for answer in answers):
+        raise InvalidResponse("MGET answered the wrong number of values")
+    return [(answer[0], answer[1]) for answer in answers]
+
+
 async def _bump(client: Any, generations: list[str]) -> None:
+    """Give each subject a new generation: a random one, not an increment, so that whatever
+    the key held before (garbage included) is replaced, with no read."""
     pipe = client.pipeline(transaction=False)
     for generation in generations:
-        pipe.incr(generation)
-        pipe.pexpire(generation, _GENERATION_TTL_MS)
+        pipe.set(generation, secrets.randbelow(10**18), px=_GENERATION_TTL_MS)
     await pipe.execute()
 
 
@@ -512,7 +569,10 @@ def _where(parsed: Mapping[str, Any]) -> str:
 
 def _cause(exc: BaseException) -> str:
     """A failure's kind, for counters and warnings: never its text, which may quote data."""
-    if isinstance(exc, ResponseError) and str(exc).startswith("OOM"):
+    # redis-py turns the OOM error code into this class (the text no longer starts with it).
+    if isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and str(exc).startswith("OOM")
+    ):
         return "out_of_memory"
     if isinstance(exc, ReadOnlyError):
         return "read_only"

@@ -18,14 +18,31 @@ and say how to fix what fails. One line per check, in this order:
                       for the first --upstream; skipped without a client id or an upstream)
   upstream RESOURCE   one per --upstream: the exchange succeeds, or what it points to (not a
                       dependency of the application, user has not consented, scope mismatch...)
+  redis reachable     with --redis URL, the shared grant cache (RedisGrantCache): its Redis
+                      answers PING within the cache's timeout (--redis-timeout); or why not:
+                      nothing listening, credentials refused (AUTH), TLS, no answer in time
+  redis writable      a probe entry under the namespace is written (SET NX PX, 10 s), read back
+                      and released with the cache's lease script; or why not: out of memory,
+                      a read-only replica, an ACL without the command (NOPERM)
+  redis keys decrypt  the keys in $ASGI_DELEGATION_ENCRYPTION_KEYS (comma-separated base64url,
+                      newest first, as in encryption_keys=) open the probe, and up to 100 of the
+                      cache's entries: WARN when some open with none of them (written with
+                      another key, or with one already dropped)
+  redis events        a message on the namespace's channel reaches a subscription: the channel
+                      that carries invalidations and grant announcements between processes
 
 --issuer may be repeated, once per issuer the middleware trusts (issuers=[...]): the issuer
 URL to introspection checks then run for each, named "discovery (ISSUER)" and so on, and the
 client credentials and upstream checks exchange at the user token's issuer (without a token,
-the first). Each line is PASS, FAIL (followed by a "fix:" line) or SKIP (a check it needs did
-not pass). The user token, the client secret and exchanged tokens are never printed. Prefer
+the first). The --redis checks need no authorization server (--issuer and --resource are
+still required): they run, and their lines appear, whatever the others find.
+
+Each line is PASS, FAIL (followed by a "fix:" line), WARN (not a failure, also followed by a
+"fix:" line) or SKIP (a check it needs did not pass). The user token, the client secret,
+exchanged tokens, encryption keys and the Redis URL's password are never printed. Prefer
 --token-file or ASGI_DELEGATION_TOKEN to --token, and KEYCARD_CLIENT_SECRET to
---client-secret: command lines are visible to other users of the machine.
+--client-secret: command lines are visible to other users of the machine (so is a password
+in --redis URL).
 
 Exit codes: 0 no check failed, 1 a check failed, 2 usage error.
 """
@@ -69,19 +86,18 @@ from .._types import Message, Receive, Scope, Send
 from .._urls import secure_url
 from ._args import number
 from ._diagnosis import _CAUSES, explain
+from ._doctor_redis import (
+    ENCRYPTION_KEYS_ENV,
+    RedisOptions,
+    _redis_secrets,
+    _redis_usage_problem,
+    shared_cache,
+)
+from ._report import FAIL, PASS, SKIP, WARN, Check
 
 TOKEN_ENV = "ASGI_DELEGATION_TOKEN"
-PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
 _CLIENT_PROBLEMS = frozenset({"invalid_client", "unauthorized_client", "client_not_configured"})
-
-
-@dataclass
-class Check:
-    name: str
-    status: str
-    detail: str
-    fix: str | None = None
 
 
 @dataclass
@@ -98,6 +114,7 @@ class Options:
     introspection: str | None = None  # the issuer of opaque tokens, one of issuers
     introspection_endpoint: str | None = None
     secrets: list[str] = field(default_factory=list)
+    redis: RedisOptions | None = None
 
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -193,6 +210,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="total seconds for one request to the authorization server (default: 10)",
     )
     parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="check the shared grant cache at this redis://, rediss:// or unix:// URL, as given "
+        "to RedisGrantCache (an ACL user and password may be in it; never printed); the "
+        f"encryption keys come from ${ENCRYPTION_KEYS_ENV}, comma-separated, newest first",
+    )
+    parser.add_argument(
+        "--redis-namespace",
+        metavar="NAMESPACE",
+        help="the cache's namespace= (default: asgi-delegation)",
+    )
+    parser.add_argument(
+        "--redis-timeout",
+        type=number(0.01, 5),
+        metavar="SECONDS",
+        help="the cache's timeout= for each Redis operation (default: 0.25)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help='print {"checks": [...], "ok": ...} instead'
     )
 
@@ -231,6 +266,11 @@ def _options(args: argparse.Namespace) -> Options:
     client_id = args.client_id or os.environ.get("KEYCARD_CLIENT_ID") or None
     client_secret = args.client_secret or os.environ.get("KEYCARD_CLIENT_SECRET") or None
     secrets = [s for s in (token, client_secret, args.token) if s]
+    redis = None
+    if args.redis is not None:
+        keys = os.environ.get(ENCRYPTION_KEYS_ENV)
+        redis = RedisOptions(args.redis, args.redis_namespace, args.redis_timeout, keys)
+        secrets += _redis_secrets(args.redis, keys)
     return Options(
         issuers=list(args.issuer),
         resource=args.resource,
@@ -244,6 +284,7 @@ def _options(args: argparse.Namespace) -> Options:
         introspection=args.introspection[0] if args.introspection else None,
         introspection_endpoint=args.introspection_endpoint,
         secrets=secrets,
+        redis=redis,
     )
 
 
@@ -263,7 +304,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         )
     if args.introspection_endpoint is not None and not args.introspection:
         return "--introspection-endpoint needs --introspection ISSUER"
-    return None
+    return _redis_usage_problem(args)
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -309,7 +350,7 @@ def redacted(checks: Iterable[Check], secrets: Sequence[str]) -> list[Check]:
 
 
 def render(checks: Sequence[Check], *, as_json: bool) -> str:
-    ok = not any(c.status == FAIL for c in checks)
+    ok = not any(c.status == FAIL for c in checks)  # a WARN is not a failure
     if as_json:
         return json.dumps({"checks": [asdict(c) for c in checks], "ok": ok}, indent=2)
     width = max(len(c.name) for c in checks)
@@ -319,9 +360,13 @@ def render(checks: Sequence[Check], *, as_json: bool) -> str:
         if check.fix:
             lines.append(f"      fix: {check.fix}")
     counts = Counter(c.status for c in checks)
+    warned = f", {counts[WARN]} warned" if counts[WARN] else ""
+    if not ok:
+        verdict = "fix the first FAIL first"
+    else:
+        verdict = "no failure, but see the WARN lines" if warned else "no problem found"
     lines.append(
-        f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped: "
-        + ("no problem found" if ok else "fix the first FAIL first")
+        f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped{warned}: {verdict}"
     )
     return "\n".join(lines)
 
@@ -1150,6 +1195,8 @@ async def diagnose(options: Options) -> list[Check]:
         finally:
             if not isinstance(gateway, Check):
                 await gateway[0].aclose()
+    if options.redis is not None:  # needs nothing of the checks above
+        checks += await shared_cache(options.redis)
     return checks
 
 

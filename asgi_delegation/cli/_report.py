@@ -1,11 +1,23 @@
-"""Plain-text reporting for the CLI: percentiles, tables, a histogram and a progress bar."""
+"""Plain-text reporting for the CLI: percentiles, tables, a histogram and a progress bar; and
+the doctor's checks, one line each, PASS, FAIL, SKIP or WARN."""
 
 from __future__ import annotations
 
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TextIO
+
+PASS, FAIL, SKIP, WARN = "PASS", "FAIL", "SKIP", "WARN"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str | None = None
 
 
 def percentiles(samples: Sequence[float]) -> dict[str, float]:
