@@ -33,6 +33,7 @@ class Breaker:
         self._warn_every = warn_every
         self._failures = 0
         self._open = False
+        self._probing = False  # a probe was let through since the circuit last opened
         self._probe_at = 0.0
         self._interval = first_probe
         self._warned_at: dict[str, float] = {}
@@ -48,12 +49,14 @@ class Breaker:
         now = _clock.monotonic()
         if now >= self._probe_at:
             self._probe_at = now + self._interval  # one probe per interval, however many ask
+            self._probing = True
             return True
         self.counts["skipped"] += 1
         return False
 
     def succeeded(self) -> None:
         self._failures = 0
+        self._probing = False
         if self._open:
             self._open = False
             self._interval = self._first_probe
@@ -68,8 +71,12 @@ class Breaker:
         self._failures += 1
         now = _clock.monotonic()
         if self._open:
-            self._interval = min(self._interval * 2, self._max_probe)
-            self._probe_at = now + self._interval
+            # Only a failed probe backs off further: calls that were already under way when the
+            # circuit opened fail too, and must not push the next probe out.
+            if self._probing:
+                self._probing = False
+                self._interval = min(self._interval * 2, self._max_probe)
+                self._probe_at = now + self._interval
         elif self._failures >= self._threshold:
             self._open = True
             self.counts["opened"] += 1

@@ -537,7 +537,10 @@ async def _get(client: Any, keys: list[str]) -> list[Any]:
 
 async def _generations_and_grants(client: Any, names: list[_Names]) -> list[tuple[Any, Any]]:
     """Each key's (generation, sealed grant): concurrent MGETs, one per hash tag."""
-    answers = await asyncio.gather(*(client.mget(one.generation, one.grant) for one in names))
+    if len(names) == 1:  # one key, as between rotations: no task for gather to make
+        answers = [await client.mget(names[0].generation, names[0].grant)]
+    else:
+        answers = await asyncio.gather(*(client.mget(one.generation, one.grant) for one in names))
     if not all(isinstance(answer, list) and len(answer) == 2 for answer in answers):
         raise InvalidResponse("MGET answered the wrong number of values")
     return [(answer[0], answer[1]) for answer in answers]

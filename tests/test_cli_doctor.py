@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 import pytest
 
 from asgi_delegation.cli import main
-from asgi_delegation.cli._doctor import Check, redacted, render
+from asgi_delegation.cli._doctor import redacted, render
+from asgi_delegation.cli._report import Check
 from asgi_delegation.testing import LocalAuthorizationServer, ScriptedAnswer
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, GITHUB, GOOGLE, RESOURCE, SLACK

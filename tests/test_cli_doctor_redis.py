@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 
 from asgi_delegation import DelegationMiddleware
 from asgi_delegation.cli import main, parser
-from asgi_delegation.cli._doctor import Check, _options, redacted, render
+from asgi_delegation.cli._doctor import _options, redacted, render
 from asgi_delegation.cli._doctor_redis import RedisOptions, shared_cache
+from asgi_delegation.cli._report import Check
 from asgi_delegation.redis import RedisGrantCache, grant_pattern
 from asgi_delegation.testing import LocalAuthorizationServer
 
