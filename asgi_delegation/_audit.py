@@ -173,20 +173,29 @@ class Auditor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task[None] | None = None
 
-    def wants(self, level: int) -> bool:
-        """Whether an event at ``level`` has anyone to go to (build it only then)."""
+    def wants(self, level: int, logged_at: int | None = None) -> bool:
+        """Whether an event at ``level``, logged at ``logged_at`` (default: ``level``), has
+        anyone to go to (build it only then)."""
         return (
             self._callback is not None
-            or logger.isEnabledFor(level)
+            or logger.isEnabledFor(level if logged_at is None else logged_at)
             or (self._telemetry is not None and level >= logging.INFO)
         )
 
-    def emit(self, level: int, event: AuditEvent, message: str, *args: object) -> None:
-        """Hand ``event`` to the logger (``message % args``, formatted only if logged), the
-        telemetry sink and the callback's queue."""
-        if logger.isEnabledFor(level):
+    def emit(
+        self,
+        level: int,
+        event: AuditEvent,
+        message: str,
+        *args: object,
+        logged_at: int | None = None,
+    ) -> None:
+        """Hand ``event`` to the logger (``message % args``, formatted only if logged, at
+        ``logged_at`` when given), the telemetry sink and the callback's queue."""
+        log_level = level if logged_at is None else logged_at
+        if logger.isEnabledFor(log_level):
             extra = {"audit": event._asdict(), "audit_event": type(event).__name__}
-            logger.log(level, message, *args, extra=extra)
+            logger.log(log_level, message, *args, extra=extra)
         if self._telemetry is not None and level >= logging.INFO:
             self._telemetry.record(event)
         if self._callback is None:
@@ -275,10 +284,15 @@ class Auditor:
         outcome = "ok" if error is None else "failed"
         self.stats.fetches[f"{document} {outcome}"] += 1
         level = logging.INFO if error is None else logging.WARNING
-        if self.wants(level):
+        # A POST that worked (an exchange, an introspection) happens per caller: logged at
+        # DEBUG, as the acceptances and grants it serves are. Fetched documents stay INFO.
+        logged_at = logging.DEBUG if error is None and method == "POST" else level
+        if self.wants(level, logged_at):
             milliseconds = (time.perf_counter() - started) * 1000
             event = FetchEvent(_clock.now(), document, url, outcome, error, milliseconds, method)
-            self.emit(level, event, "%s %s %s: %s", method, document, outcome, url)
+            self.emit(
+                level, event, "%s %s %s: %s", method, document, outcome, url, logged_at=logged_at
+            )
 
     async def aclose(self) -> None:
         self._stop_worker()

@@ -80,6 +80,9 @@ class _Trace:
         self.status: int | None = None
 
 
+_JOINED = _Trace()  # a waiter's: it sent nothing itself (never written to)
+
+
 _OUTCOMES: dict[type[ExchangeError], str] = {
     ExchangeDenied: "denied",
     ExchangeUnavailable: "unavailable",
@@ -167,11 +170,15 @@ class Exchanger(Generic[C]):
                 self._ended(context, resource, scope, started, "hit", _Trace(), None)
             return entry.grant
         flight = (self._grants.epoch, key)
-        cache = "joined" if self._flight.in_flight(flight) else "miss"
-        trace = _Trace()
-        work = partial(self._obtain, key, context, resource, scope, trace, refresh=False)
+        task = self._flight.joinable(flight)
+        if task is None:
+            cache, trace = "miss", _Trace()
+            work = partial(self._obtain, key, context, resource, scope, trace, refresh=False)
+            task = self._flight.start(flight, work)
+        else:  # a burst's waiters share the work and its trace: they add a counter each
+            cache, trace = "joined", _JOINED
         try:
-            grant = await self._flight.run(flight, work)
+            grant = await asyncio.shield(task)
             check_subject(context, resource)  # it may have expired while the request was out
         except ExchangeError as exc:
             self._ended(context, resource, scope, started, cache, trace, exc)
@@ -203,10 +210,15 @@ class Exchanger(Generic[C]):
         milliseconds = (time.perf_counter() - started) * 1000
         if cache in ("miss", "refresh") and trace.attempts:
             stats.exchange_latency(milliseconds)
-        level = (
-            logging.DEBUG if cache == "hit" else logging.INFO if error is None else logging.WARNING
-        )
-        if not self._auditor.wants(level):
+        # A hit, or a wait for another request's exchange, is DEBUG: a burst of identical
+        # requests costs its waiters a counter each. A grant obtained is an INFO event, logged
+        # at DEBUG (see the middleware's acceptance events); a failure is a WARNING.
+        if error is not None:
+            level = logged_at = logging.WARNING
+        else:
+            level = logging.DEBUG if cache in ("hit", "joined") else logging.INFO
+            logged_at = logging.DEBUG
+        if not self._auditor.wants(level, logged_at):
             return
         client_id = context.client_id
         event = ExchangeEvent(
@@ -223,7 +235,15 @@ class Exchanger(Generic[C]):
             attempts=trace.attempts,
             issuer=self._issuer,
         )
-        self._auditor.emit(level, event, "exchange for %s %s (%s)", event.resource, outcome, cache)
+        self._auditor.emit(
+            level,
+            event,
+            "exchange for %s %s (%s)",
+            event.resource,
+            outcome,
+            cache,
+            logged_at=logged_at,
+        )
 
     async def forget(self, context: C, resource: str, scope: str | None, grant: Grant) -> None:
         """Drop ``grant`` from the caches (an upstream API refused it); a newer one stays."""

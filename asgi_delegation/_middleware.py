@@ -410,8 +410,10 @@ class DelegationMiddleware:
                     refusal = answers.insufficient_scope_for(refusal)
                 return self._refused(scope, refusal, digest, valid, cached=cached), receive
         stats.accepted += 1
-        # A token's first acceptance is worth INFO; its every later request only DEBUG.
-        if self._auditor.wants(logging.DEBUG if cached else logging.INFO):
+        # A token's first acceptance is an INFO event (its later requests only DEBUG ones),
+        # logged at DEBUG: in a process that logs at INFO, as MCP servers do, writing a line
+        # for every new caller would cost more than validating its token.
+        if self._auditor.wants(logging.DEBUG if cached else logging.INFO, logging.DEBUG):
             self._audit(scope, None, digest, valid, cached)
         exchanger = self._exchanger or self._trusts[valid.issuer].exchanger
         return AccessContext(valid, token, digest, exchanger), receive
@@ -480,7 +482,12 @@ class DelegationMiddleware:
         )
         level = logging.DEBUG if accepted and cached else logging.INFO
         self._auditor.emit(
-            level, event, "authentication %s: %s", event.reason or "accepted", event.path
+            level,
+            event,
+            "authentication %s: %s",
+            event.reason or "accepted",
+            event.path,
+            logged_at=logging.DEBUG if accepted else level,
         )
 
     def stats(self) -> dict[str, Any]:

@@ -22,8 +22,12 @@ class SingleFlight(Generic[T]):
         self._flights: dict[Hashable, asyncio.Task[T]] = {}
 
     def in_flight(self, key: Hashable) -> bool:
+        return self.joinable(key) is not None
+
+    def joinable(self, key: Hashable) -> asyncio.Task[T] | None:
+        """The flight under way for ``key`` in this loop, if any (await it shielded)."""
         task = self._flights.get(key)
-        return task is not None and _joinable(task)
+        return task if task is not None and _joinable(task) else None
 
     def start(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
         """The flight for ``key``: the one under way, or ``work()`` started now."""

@@ -1,5 +1,7 @@
-"""What the benchmark scripts share: the hand-made ASGI request, the garbage collector paused
-while a batch is timed, and the pieces of the report and the command line."""
+"""What the benchmark scripts share: the hand-made ASGI request, the garbage collector of a
+timed batch (on, as users run the package; paused only for a "best case" row), a benchmark's
+second invocation mode in a fresh interpreter, and the pieces of the report and the command
+line."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from asgi_delegation._types import Message, Receive, Scope, Send
+from asgi_delegation._types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -43,6 +47,10 @@ _SESSION_HEADERS: list[tuple[bytes, bytes]] = [
 ]
 
 ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
+T = TypeVar("T")
+
+#: The label of the rows timed with the garbage collector paused: never the headline.
+BEST_CASE = "best case: GC paused"
 
 
 # -- the ASGI pieces ---------------------------------------------------------------------------
@@ -59,6 +67,34 @@ async def bare_app(scope: Scope, receive: Receive, send: Send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+
+
+class PrincipalReader:
+    """An app that reads the MCP SDK's principal as the SDK's streamable-HTTP session manager
+    does on every request (``scope.get("user")``, then the client, issuer and subject of its
+    access token: what a session is bound to), then hands the request to ``then``; counts the
+    requests whose principal was missing, or not ``subject``'s (when given). Imports the SDK:
+    only in a process that measures with it."""
+
+    def __init__(self, then: ASGIApp = bare_app, subject: str | None = "alice") -> None:
+        from mcp.server.auth.middleware.bearer_auth import (
+            AuthenticatedUser,
+            authorization_context,
+        )
+
+        self.wrong = 0
+        user_class, context_of = AuthenticatedUser, authorization_context
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            user = scope.get("user")
+            requestor = context_of(user) if isinstance(user, user_class) else None
+            if requestor is None or (
+                requestor["subject"] != subject if subject else not requestor["subject"]
+            ):
+                self.wrong += 1
+            await then(scope, receive, send)
+
+        self.app: ASGIApp = app
 
 
 def receiver(method: str) -> Receive:
@@ -135,6 +171,59 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+class GcWatch:
+    """The collections the garbage collector makes while it is installed (``gc.callbacks``),
+    by generation, and the time they take in all, in ns."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.ns = 0
+        self._started = 0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter_ns()
+        else:
+            self.ns += time.perf_counter_ns() - self._started
+            self.collections[info["generation"]] += 1
+
+    def figures(self, calls: int) -> dict[str, Any]:
+        """The collections by generation and the µs spent in them per call, over ``calls``."""
+        return {"collections": list(self.collections), "gc_us_per_call": self.ns / calls / 1000}
+
+
+@contextmanager
+def timed_gc(*, paused: bool = False, watch: GcWatch | None = None) -> Iterator[None]:
+    """The garbage collector of a timed batch: on, as users run the package (the default: the
+    collections that come due during the batch are timed with it), or, for a row labelled
+    ``BEST_CASE``, run and then paused as ``timeit`` does. ``watch`` sees the collections."""
+    if paused:
+        gc.collect()
+        gc.disable()
+    elif not gc.isenabled():
+        raise RuntimeError("the garbage collector is off: a timed batch runs with it on")
+    if watch is not None:
+        gc.callbacks.append(watch)
+    try:
+        yield
+    finally:
+        if watch is not None:
+            gc.callbacks.remove(watch)
+        if paused:
+            gc.enable()
+
+
+def handed_out(items: list[T]) -> Iterator[T]:
+    """The items of ``items`` in order, each dropped from the list as it is handed out (the
+    list ends empty). A timed batch's scopes are built beforehand; this way each is freed when
+    its request is over, as a server's are, instead of living on, with what the request left
+    in it, into the garbage collector's older generations."""
+    items.reverse()
+    pop = items.pop
+    for _ in range(len(items)):
+        yield pop()
+
+
 def summary(samples: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
@@ -184,6 +273,29 @@ def joined(lines: Sequence[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def run_worker(script: str, module: str, argv: Sequence[str]) -> tuple[dict[str, Any], str]:
+    """Runs ``python -m module *argv`` from the project root, in a fresh interpreter (a
+    benchmark's second invocation mode, whose imports must not reach the main run's process),
+    and returns the JSON document it prints and what it wrote to stderr. Its stderr goes to a
+    file, as a server's logs would: a handler there costs what it costs writing to one."""
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", module, *argv]
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as stderr:
+        done = subprocess.run(  # noqa: S603 - this interpreter, this project's module
+            command, cwd=root, stdout=subprocess.PIPE, stderr=stderr, text=True, check=False
+        )
+        stderr.seek(0)
+        logged = stderr.read()
+    if done.returncode != 0:
+        tail = "\n".join(logged.splitlines()[-20:])
+        abort(script, f"`{' '.join(command[1:])}` exited with {done.returncode}:\n{tail}")
+    try:
+        document: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        abort(script, f"`{' '.join(command[1:])}` printed no JSON document: {done.stdout[-500:]!r}")
+    return document, logged
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -192,13 +304,22 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(
-    argv: Sequence[str] | None, *, prog: str, description: str, rounds_help: str, quick_help: str
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    rounds_help: str,
+    quick_help: str,
+    sdk_help: str | None = None,
 ) -> argparse.Namespace:
-    """The options both scripts take: ``--rounds N``, ``--quick`` and ``--json``."""
+    """The options every script takes: ``--rounds N``, ``--quick`` and ``--json``; and
+    ``--sdk`` (the rows with the MCP SDK imported, alone) where ``sdk_help`` is given."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--rounds", type=positive_int, help=rounds_help)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    if sdk_help is not None:
+        parser.add_argument("--sdk", action="store_true", help=sdk_help)
     return parser.parse_args(argv)
 
 

@@ -4,6 +4,7 @@ a "deployment", and its failures explained."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from typing import Any
@@ -20,26 +21,49 @@ QUICK = ["--users", "3", "--resources", "2", "--duration", "0.2", "--samples", "
 
 
 def test_embedded_report(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", *QUICK, "--burst", "200", "--latency", "5"]) == 0
+    assert main(["bench", *QUICK, "--burst", "200", "--bursts", "3", "--latency", "5"]) == 0
     out = capsys.readouterr().out
     for section in (
         "Inbound validation", "first-seen token", "cached token", "Token exchange, cold",
-        "Token exchange, cached", "Burst: 200 concurrent identical requests",
-        "requests served                   200 of 200", "token endpoint calls              1",
-        "Throughput", "Cold exchange latency",
+        "Token exchange, cached",
+        "Burst: 200 concurrent identical requests, cold grant cache, 3 bursts (a new user each)",
+        "requests served                   600 of 600",
+        "token endpoint calls              3 (1 per burst)", "wall time (median of 3)",
+        "one cold exchange (median)", "burst / one cold exchange", "Throughput",
+        "Cold exchange latency",
     ):  # fmt: skip
         assert section in out
 
 
 def test_embedded_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", *QUICK, "--burst", "50", "--latency", "0", "--json"]) == 0
+    assert (
+        main(["bench", *QUICK, "--burst", "50", "--bursts", "4", "--latency", "0", "--json"]) == 0
+    )
     figures = json.loads(capsys.readouterr().out)
     assert figures["mode"] == "embedded"
-    assert figures["burst"] == {**figures["burst"], "served": 50, "token_endpoint_calls": 1}
+    burst = figures["burst"]
+    # Four bursts, each for a new user: one token-endpoint call each, every request served.
+    assert burst == {
+        **burst, "requests": 50, "bursts": 4, "served": 200, "token_endpoint_calls": 4,
+        "token_endpoint_calls_per_burst": [1, 1, 1, 1],
+    }  # fmt: skip
+    assert len(burst["wall_ms_samples"]) == 4
+    assert burst["wall_ms"] == statistics.median(burst["wall_ms_samples"])
+    assert burst["cold_exchange_ms"] == statistics.median(figures["cold_exchange_samples_ms"])
+    assert burst["ratio_to_cold_exchange"] == pytest.approx(
+        burst["wall_ms"] / burst["cold_exchange_ms"]
+    )
     assert figures["throughput"]["token_endpoint_calls"] == 0  # everything cached by then
     assert figures["exchange"]["cold_ms"]["n"] == 6  # 3 users x 2 resources
     assert figures["validation_us"]["first_seen"]["n"] == 10
     assert len(figures["cold_exchange_samples_ms"]) == 6
+
+
+def test_five_bursts_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *QUICK, "--burst", "10", "--latency", "0", "--json"]) == 0
+    burst = json.loads(capsys.readouterr().out)["burst"]
+    assert burst["bursts"] == len(burst["wall_ms_samples"]) == 5
+    assert burst["token_endpoint_calls_per_burst"] == [1] * 5
 
 
 def test_the_module_runs_as_a_command() -> None:
@@ -53,7 +77,13 @@ def test_the_module_runs_as_a_command() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["bench", "--issuer", "https://a.example"], ["bench", "--users", "0"], ["nonsense"], []],
+    [
+        ["bench", "--issuer", "https://a.example"],
+        ["bench", "--users", "0"],
+        ["bench", "--bursts", "0"],
+        ["nonsense"],
+        [],
+    ],
 )
 def test_usage_errors_exit_2(argv: list[str]) -> None:
     try:
@@ -69,7 +99,7 @@ async def _deployment_bench(
     argv = [
         "bench", "--issuer", auth.issuer, "--resource", RESOURCE, "--token", token,
         "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET, "--upstream", GITHUB,
-        "--samples", "3", "--duration", "0.1", "--burst", "20", *extra,
+        "--samples", "3", "--duration", "0.1", "--burst", "20", "--bursts", "2", *extra,
     ]  # fmt: skip
     code = await anyio.to_thread.run_sync(main, argv)
     captured = capsys.readouterr()
@@ -84,7 +114,11 @@ async def test_against_a_deployment(
     assert code == 0, err
     figures: dict[str, Any] = json.loads(out)
     assert figures["mode"] == "deployment"
-    assert figures["burst"]["served"] == 20
+    burst = figures["burst"]
+    assert burst == {**burst, "requests": 20, "bursts": 2, "served": 40}
+    assert len(burst["wall_ms_samples"]) == 2
+    # A deployment's token endpoint cannot be counted.
+    assert burst["token_endpoint_calls"] is burst["token_endpoint_calls_per_burst"] is None
     assert figures["exchange"]["cold_ms"]["n"] == 3
     assert token not in out + err
     assert CLIENT_SECRET not in out + err

@@ -3,9 +3,10 @@
 With no arguments it starts LocalAuthorizationServer on a loopback port (real HTTP, with a
 simulated network latency on its token endpoint), wraps a small ASGI app in
 DelegationMiddleware, and drives it in process: the cost of validating a first-seen and a
-cached token, exchange latency cold and cached, a burst of concurrent identical requests
-(token-endpoint calls made vs requests served), throughput, and a histogram of cold-exchange
-latency.
+cached token, exchange latency cold and cached, bursts of concurrent identical requests
+(token-endpoint calls made vs requests served; the median wall time of ``--bursts`` bursts, each
+for a new user so that nothing is cached, against the median cold exchange), throughput, and a
+histogram of cold-exchange latency.
 
 Against a real deployment, give --issuer, --resource, --token (a user token for --resource)
 and one or more --upstream resources, with the application's client credentials
@@ -20,9 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import os
 import secrets
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -56,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--burst", type=count, help="concurrent identical requests (1000; 50 on a deployment)"
     )
     parser.add_argument(
+        "--bursts", type=count, default=5, help="bursts, each for a new user: the median (5)"
+    )
+    parser.add_argument(
         "--latency",
         type=number(0, 10_000, "ms"),
         default=20.0,
@@ -82,7 +88,7 @@ class _Target:
     middleware: DelegationMiddleware
     resources: list[str]
     tokens: list[str]
-    mint: Callable[[], str] | None = None  # a new user token (embedded only)
+    mint: Callable[[], str] | None = None  # a new user's token (embedded only)
     token_calls: Callable[[], int] | None = None  # token-endpoint requests so far
     failures: list[ExchangeError] = field(default_factory=list)
 
@@ -162,6 +168,7 @@ async def _embedded(args: argparse.Namespace, progress: Progress) -> AsyncIterat
         progress.show("minting user tokens", 0)
         count = max(args.users, args.samples + 1)
         tokens = [auth.mint(f"user{n % args.users}", audience=_RESOURCE) for n in range(count)]
+        burst_users = itertools.count(1)
         failures: list[ExchangeError] = []
         middleware = DelegationMiddleware(
             _app(resources, failures), issuer=issuer, resource=_RESOURCE,
@@ -170,7 +177,7 @@ async def _embedded(args: argparse.Namespace, progress: Progress) -> AsyncIterat
         try:
             yield _Target(
                 middleware, resources, tokens,
-                mint=lambda: auth.mint("burst-user", audience=_RESOURCE),
+                mint=lambda: auth.mint(f"burst-user{next(burst_users)}", audience=_RESOURCE),
                 token_calls=lambda: auth.requests["/token"], failures=failures,
             )  # fmt: skip
         finally:
@@ -225,19 +232,26 @@ async def _measure(target: _Target, args: argparse.Namespace, progress: Progress
         for token, path in pairs:
             warm.append(await _timed(mw, token, path))
 
-    progress.show("burst of identical requests", 0.6)
+    progress.show("bursts of identical requests", 0.6)
     burst = args.burst or (1000 if embedded else 50)
-    if target.mint is not None:  # a new user: nothing cached for it
-        token = target.mint()
-        await _timed(mw, token)  # validated: the burst measures the exchange alone
-    else:  # the one user token: forget its grants
-        token = target.tokens[0]
-        exchanger._grants.flush()
-    calls_before = target.calls()
-    start = time.perf_counter()
-    statuses = await asyncio.gather(*(_call(mw, token, paths[0]) for _ in range(burst)))
-    burst_seconds = time.perf_counter() - start
-    burst_calls = target.calls_since(calls_before)
+    walls: list[float] = []
+    served = 0
+    calls: list[int | None] = []
+    for n in range(args.bursts):
+        if target.mint is not None:  # a new user: nothing cached for it
+            token = target.mint()
+            await _timed(mw, token)  # validated: the burst measures the exchange alone
+        else:  # the one user token: forget its grants
+            token = target.tokens[0]
+            exchanger._grants.flush()
+        calls_before = target.calls()
+        start = time.perf_counter()
+        statuses = await asyncio.gather(*(_call(mw, token, paths[0]) for _ in range(burst)))
+        walls.append((time.perf_counter() - start) * 1000)
+        served += sum(1 for s in statuses if s == 200)
+        calls.append(target.calls_since(calls_before))
+        progress.show("bursts of identical requests", 0.6 + 0.1 * (n + 1) / args.bursts)
+    per_burst = [c for c in calls if c is not None] if None not in calls else None
 
     progress.show("throughput", 0.7)
     for token, path in pairs:  # every grant cached again (the burst may have dropped them)
@@ -262,6 +276,8 @@ async def _measure(target: _Target, args: argparse.Namespace, progress: Progress
     progress.clear()
 
     cold_ms = [s * 1000 for s in cold]
+    cold_median = statistics.median(cold_ms)
+    wall_median = statistics.median(walls)
     return {
         "mode": "embedded" if embedded else "deployment",
         "latency_ms": args.latency if embedded else None,
@@ -274,10 +290,15 @@ async def _measure(target: _Target, args: argparse.Namespace, progress: Progress
             "cached_us": percentiles([s * 1e6 for s in warm]),
         },
         "burst": {
-            "requests": burst,
-            "served": sum(1 for s in statuses if s == 200),
-            "token_endpoint_calls": burst_calls,
-            "wall_ms": burst_seconds * 1000,
+            "requests": burst,  # in each burst
+            "bursts": args.bursts,
+            "served": served,  # in all the bursts
+            "token_endpoint_calls": None if per_burst is None else sum(per_burst),
+            "token_endpoint_calls_per_burst": per_burst,
+            "wall_ms": wall_median,  # the median of the bursts
+            "wall_ms_samples": walls,
+            "cold_exchange_ms": cold_median,  # one cold exchange: the median
+            "ratio_to_cold_exchange": wall_median / cold_median,
         },
         "throughput": {
             "requests_per_second": done / elapsed,
@@ -292,6 +313,8 @@ async def _measure(target: _Target, args: argparse.Namespace, progress: Progress
 def _render(figures: dict[str, Any]) -> str:
     validation, exchange = figures["validation_us"], figures["exchange"]
     burst, throughput = figures["burst"], figures["throughput"]
+    walls, total = burst["wall_ms_samples"], burst["requests"] * burst["bursts"]
+    each = "a new user each" if figures["mode"] == "embedded" else "the grants flushed before each"
     where = (
         f"embedded LocalAuthorizationServer on loopback, {figures['latency_ms']:g} ms token "
         "endpoint latency"
@@ -312,12 +335,17 @@ def _render(figures: dict[str, Any]) -> str:
             table("Token exchange, cold (token endpoint)", "ms", [("cold", exchange["cold_ms"])]),
             table("Token exchange, cached", "µs", [("cached", exchange["cached_us"])]),
             facts(
-                f"Burst: {burst['requests']} concurrent identical requests, cold grant cache",
+                f"Burst: {burst['requests']} concurrent identical requests, cold grant cache, "
+                f"{burst['bursts']} bursts ({each})",
                 [
-                    ("requests served", f"{burst['served']} of {burst['requests']}"),
-                    ("token endpoint calls", _count_or_dash(burst["token_endpoint_calls"])),
-                    ("wall time", f"{burst['wall_ms']:.1f} ms"),
-                    ("one cold exchange (p50)", f"{exchange['cold_ms'].get('p50', 0):.1f} ms"),
+                    ("requests served", f"{burst['served']} of {total}"),
+                    ("token endpoint calls", _calls_per_burst(burst)),
+                    (
+                        f"wall time (median of {burst['bursts']})",
+                        f"{burst['wall_ms']:.1f} ms (min {min(walls):.1f}, max {max(walls):.1f})",
+                    ),
+                    ("one cold exchange (median)", f"{burst['cold_exchange_ms']:.1f} ms"),
+                    ("burst / one cold exchange", f"{burst['ratio_to_cold_exchange']:.2f}x"),
                 ],
             ),
             facts(
@@ -331,6 +359,14 @@ def _render(figures: dict[str, Any]) -> str:
             "Cold exchange latency\n" + histogram(figures["cold_exchange_samples_ms"], "ms"),
         ]
     )
+
+
+def _calls_per_burst(burst: dict[str, Any]) -> str:
+    per_burst: list[int] | None = burst["token_endpoint_calls_per_burst"]
+    if per_burst is None:
+        return "-"  # a deployment's token endpoint cannot be counted
+    each = str(per_burst[0]) if len(set(per_burst)) == 1 else ", ".join(map(str, per_burst))
+    return f"{sum(per_burst)} ({each} per burst)"
 
 
 def _count_or_dash(n: int | None) -> str:
