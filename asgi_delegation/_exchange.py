@@ -32,7 +32,7 @@ from ._discovery import Discovery
 from ._errors import ExchangeDenied, ExchangeError, ExchangeNotAllowed, ExchangeUnavailable
 from ._fetch import HEADERS, BodyRefused, read_capped
 from ._grant import Grant
-from ._grants import Caller, Entry, Grants, Issued, SharedCache
+from ._grants import Caller, Entry, Grants, Issued, Look, SharedCache
 from ._http import HTTPClient
 from ._loops import PerLoop, Slot, cancel
 from ._printable import printable
@@ -143,6 +143,7 @@ class Exchanger(Generic[C]):
         self._attempts = attempts
         # By (epoch, key): after an invalidation, no request joins a flight that began before it.
         self._flight: SingleFlight[Grant] = SingleFlight()
+        self._looking: set[Key] = set()  # keys a request is looking up in the shared cache
         self._background: set[asyncio.Task[Grant]] = set()
 
     async def exchange(self, context: C, resource: str, scope: str | None) -> Grant:
@@ -169,11 +170,33 @@ class Exchanger(Generic[C]):
             if self._auditor.wants(logging.DEBUG):
                 self._ended(context, resource, scope, started, "hit", _Trace(), None)
             return entry.grant
-        flight = (self._grants.epoch, key)
-        task = self._flight.joinable(flight)
+        grants = self._grants
+        task = self._flight.joinable((grants.epoch, key))
+        look: Look = "none"
+        if task is None and key not in self._looking:
+            if grants.sharing(context):  # asked once per request: it may use a breaker's probe
+                # Another process's grant, if there is one, without a flight: a shared hit
+                # then costs about one round trip. Requests that come meanwhile do not look
+                # too: the first of them starts the flight, which looks once for them all.
+                self._looking.add(key)
+                try:
+                    found = await grants.from_shared(key, context)
+                finally:
+                    self._looking.discard(key)
+                if isinstance(found, Grant):
+                    check_subject(context, resource)
+                    self._ended(context, resource, scope, started, "shared", _JOINED, None)
+                    return found
+                look = found
+                task = self._flight.joinable((grants.epoch, key))
+            else:
+                look = "skip"
+        flight = (grants.epoch, key)
         if task is None:
             cache, trace = "miss", _Trace()
-            work = partial(self._obtain, key, context, resource, scope, trace, refresh=False)
+            work = partial(
+                self._obtain, key, context, resource, scope, trace, refresh=False, look=look
+            )
             task = self._flight.start(flight, work)
         else:  # a burst's waiters share the work and its trace: they add a counter each
             cache, trace = "joined", _JOINED
@@ -184,7 +207,7 @@ class Exchanger(Generic[C]):
             self._ended(context, resource, scope, started, cache, trace, exc)
             raise
         if cache == "miss" and trace.attempts == 0:
-            cache = "shared"  # another process's grant: the token endpoint was not asked
+            cache = "shared"  # another process's grant after all: the token endpoint not asked
         self._ended(context, resource, scope, started, cache, trace, None)
         return grant
 
@@ -249,9 +272,11 @@ class Exchanger(Generic[C]):
         """Drop ``grant`` from the caches (an upstream API refused it); a newer one stays."""
         await self._grants.discard((context.token_digest, resource, scope), context, grant)
 
-    def invalidate(self, subject: str) -> None:
-        """Drop ``subject``'s grants from the in-process cache."""
+    def invalidate(self, subject: str, *, reached_shared: bool) -> None:
+        """Drop ``subject``'s grants from the in-process cache; until the shared cache has
+        been told (``reached_shared``), do not read or write its grants there either."""
         self._grants.invalidated(subject.__eq__)
+        self._grants.share(subject, reached_shared)
 
     async def aclose(self) -> None:
         for task in list(self._background):
@@ -280,9 +305,10 @@ class Exchanger(Generic[C]):
         trace: _Trace,
         *,
         refresh: bool,
+        look: Look = "none",
     ) -> Grant:
         fetch = partial(self._issue, context.subject_token, resource, scope, trace)
-        return await self._grants.obtain(key, context, fetch, refresh=refresh)
+        return await self._grants.obtain(key, context, fetch, refresh=refresh, look=look)
 
     async def _issue(
         self, subject_token: str, resource: str, scope: str | None, trace: _Trace

@@ -19,7 +19,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from . import _clock
 from ._grant import Grant
@@ -67,6 +67,9 @@ class Item:
 
 
 Fetch = Callable[[], Awaitable[Issued]]
+#: What the caller found before its flight: "none" (it did not look), "missed" (the shared
+#: cache has nothing), "skip" (it failed, or is not to be used now: exchange directly).
+Look = Literal["none", "missed", "skip"]
 
 
 class Listener(Protocol):
@@ -88,10 +91,17 @@ class SharedCache(Protocol):
     def available(self) -> bool:
         """Whether to use it for the next lookup (False while its circuit breaker is open)."""
 
-    async def obtain(self, item: Item, fetch: Fetch, accept: Callable[[Issued], bool]) -> Issued:
+    async def look(
+        self, item: Item, accept: Callable[[Issued], bool]
+    ) -> tuple[Issued | None, bool]:
+        """The stored grant ``accept`` takes, or None; and whether the cache answered."""
+
+    async def obtain(
+        self, item: Item, fetch: Fetch, accept: Callable[[Issued], bool], *, looked: bool
+    ) -> Issued:
         """A grant ``accept`` takes, from the shared cache or from ``fetch()``, which runs at
         most once across processes at a time; what ``fetch()`` returns is stored. Asked only
-        after :meth:`available` said yes."""
+        after :meth:`available` said yes; ``looked``: :meth:`look` has just found nothing."""
 
     async def discard(self, item: Item, grant: Grant) -> None:
         """Remove ``grant`` if it is still the one stored for ``item``."""
@@ -133,6 +143,9 @@ class Grants:
         self._size = size
         self._refresh_margin = refresh_margin
         self._shared = shared
+        # Subjects whose invalidation did not reach the shared cache: their grants there may
+        # be the ones it meant to retire. Bounded: each is an administrator's call.
+        self._unshared: set[str] = set()
         self.epoch = 0
         if shared is not None:
             shared.attach(self)
@@ -154,24 +167,66 @@ class Grants:
     def peek(self, key: Hashable) -> Entry | None:
         return self._entries.get(key)
 
+    def sharing(self, caller: Caller) -> bool:
+        """Whether a miss here for ``caller`` can look in the shared cache now."""
+        return (
+            self._shared is not None
+            and (not self._unshared or caller.subject not in self._unshared)
+            and self._shared.available()
+        )
+
+    def share(self, subject: str, shared: bool) -> None:
+        """Use the shared cache for ``subject`` again, or (``shared`` False) not until then."""
+        if shared:
+            self._unshared.discard(subject)
+        elif len(self._unshared) < 100_000:
+            self._unshared.add(subject)
+
+    async def from_shared(self, key: tuple[bytes, str, str | None], caller: Caller) -> Grant | Look:
+        """The shared cache's grant for ``key``, cached here; else what the look found: one
+        look, no exchange, done by the caller itself rather than by a shared flight, so that a
+        hit costs one round trip."""
+        assert self._shared is not None
+        epoch = self.epoch
+        usable_until = caller.usable_until
+        now = _clock.now()
+        issued, answered = await self._shared.look(
+            self._item(key, caller), lambda issued: self._stale_at(issued, usable_until) > now
+        )
+        if issued is None:
+            return "missed" if answered else "skip"
+        if epoch == self.epoch:
+            self._put(key, caller.subject, usable_until, issued)
+        return issued.grant
+
     async def obtain(
-        self, key: tuple[bytes, str, str | None], caller: Caller, fetch: Fetch, *, refresh: bool
+        self,
+        key: tuple[bytes, str, str | None],
+        caller: Caller,
+        fetch: Fetch,
+        *,
+        refresh: bool,
+        look: Look = "none",
     ) -> Grant:
         """A grant from the shared cache or ``fetch()``, cached here. For a ``refresh``, only a
-        shared grant not itself due for refresh is taken."""
+        shared grant not itself due for refresh is taken. ``look``: what :meth:`from_shared`
+        has just found (after "skip", straight to ``fetch()``)."""
         epoch = self.epoch
         usable_until = caller.usable_until
         shared = self._shared
-        if shared is None or not shared.available():  # build no Item when it is not used
+        # Build no Item when the shared cache is not used.
+        if look == "skip" or not self.sharing(caller):
             issued = await fetch()
         else:
+            assert shared is not None
             now = _clock.now()
             due = self._refresh_at if refresh else self._stale_at
 
             def accept(issued: Issued) -> bool:
                 return due(issued, usable_until) > now
 
-            issued = await shared.obtain(self._item(key, caller), fetch, accept)
+            item = self._item(key, caller)
+            issued = await shared.obtain(item, fetch, accept, looked=look == "missed")
         if epoch == self.epoch:
             self._put(key, caller.subject, usable_until, issued)
         return issued.grant
@@ -184,7 +239,7 @@ class Grants:
         entry = self._entries.get(key)
         if entry is not None and entry.grant is grant:
             del self._entries[key]
-        if self._shared is not None and self._shared.available():
+        if self._shared is not None and self.sharing(caller):
             await self._shared.discard(self._item(key, caller), grant)
 
     def invalidated(self, matches: Callable[[str], bool]) -> None:

@@ -501,13 +501,21 @@ class DelegationMiddleware:
         half a second. Applies to the subject (``sub``) at every configured issuer.
 
         Raises :class:`SharedCacheUnavailable` when Redis cannot be told: the grants are gone
-        here, but other processes may serve theirs until they expire; call again."""
+        here, and this process neither reads nor writes the subject's grants in Redis until an
+        invalidation succeeds, but other processes may serve theirs until they expire; call
+        again."""
         if not isinstance(subject, str) or not subject:
             raise TypeError("subject must be a non-empty string: the token's sub claim")
-        for trust in self._trusts.values():
-            trust.exchanger.invalidate(subject)
-        if self._shared is not None:
-            await self._shared.invalidate(list(self._trusts), subject)
+        exchangers = [trust.exchanger for trust in self._trusts.values()]
+        for exchanger in exchangers:
+            exchanger.invalidate(subject, reached_shared=self._shared is None)
+        if self._shared is None:
+            return
+        await self._shared.invalidate(list(self._trusts), subject)
+        # Again: an exchange in this process may have read the old grant from Redis while the
+        # new generation was on its way, and cached it.
+        for exchanger in exchangers:
+            exchanger.invalidate(subject, reached_shared=True)
 
     async def aclose(self) -> None:
         """Stop background grant refreshes, close the HTTP client the middleware made for the

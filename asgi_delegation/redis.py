@@ -216,16 +216,31 @@ class RedisGrantCache:
     def available(self) -> bool:
         return self._breaker.allows()
 
-    async def obtain(self, item: Item, fetch: Fetch, accept: Callable[[Issued], bool]) -> Issued:
-        state = self._state()
-        names = self._names(item)
+    async def look(
+        self, item: Item, accept: Callable[[Issued], bool]
+    ) -> tuple[Issued | None, bool]:
         try:
-            issued, generation = await self._lookup(state, names, accept)
+            issued, _ = await self._lookup(self._state(), self._names(item), accept)
         except _Down:
-            return await fetch()
+            return None, False
         if issued is not None:
             self._counts["hit"] += 1
-            return issued
+        return issued, True
+
+    async def obtain(
+        self, item: Item, fetch: Fetch, accept: Callable[[Issued], bool], *, looked: bool
+    ) -> Issued:
+        state = self._state()
+        names = self._names(item)
+        generation: int | None = None  # learnt by the look after taking the lease
+        if not looked:
+            try:
+                issued, generation = await self._lookup(state, names, accept)
+            except _Down:
+                return await fetch()
+            if issued is not None:
+                self._counts["hit"] += 1
+                return issued
         self._counts["miss"] += 1
         return await self._single_flight(state, names, generation, item, fetch, accept)
 
@@ -275,10 +290,11 @@ class RedisGrantCache:
         if state is None:
             return
         task = state.listener
-        if task is not None and not task.done():
+        # More than once if need be: a cancellation can be lost inside redis-py (see
+        # _raise_if_cancelled), and shutdown must not hang on it.
+        while task is not None and not task.done():
             task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=self._timeout)
         if self._owned:
             await state.client.aclose()
 
@@ -483,10 +499,12 @@ class RedisGrantCache:
                     await state.client.initialize()
                 pubsub = state.client.pubsub()
                 await pubsub.subscribe(self._channel)
+                _raise_if_cancelled()
                 async for message in pubsub.listen():
                     if self._received(state, message):
                         backoff = _LISTEN_FIRST
             except Exception as exc:  # the connection broke: subscribe again, with a backoff
+                _raise_if_cancelled()
                 # Warned about, but the breaker's state is the requests' to decide: counting
                 # these would push its probes out while Redis is away.
                 self._breaker.noted(_cause(exc))
@@ -522,6 +540,15 @@ class RedisGrantCache:
 
     def _tagged(self, tags: set[str], issuer: str, subject: str) -> bool:
         return not tags.isdisjoint(self._subject_tags(issuer, subject))
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that redis-py lost: on Python 3.11 its ``asyncio.wait_for``
+    returns a result, or raises a connection error, when the cancellation lands as a write
+    completes; the task still counts it as pending."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _get(client: Any, keys: list[str]) -> list[Any]:
