@@ -718,7 +718,7 @@ async def test_nothing_readable_in_redis(
             message = await watcher.get_message(ignore_subscribe_messages=True, timeout=1)
             if message is not None:
                 messages.append(message["data"])
-    await watcher.aclose()  # type: ignore[no-untyped-call]
+    await watcher.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
     assert len(messages) >= 7  # one announcement per grant written, then the invalidation
 
     needles: dict[str, bytes] = {
@@ -1348,7 +1348,7 @@ def sentinel_port(own_server: RedisServer, tmp_path: Path) -> Iterator[int]:
 async def test_a_sentinel_managed_master(
     own_server: RedisServer, sentinel_port: int, make: Make, auth: LocalAuthorizationServer
 ) -> None:
-    sentinel = Sentinel([("127.0.0.1", sentinel_port)], socket_timeout=2)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel([("127.0.0.1", sentinel_port)], socket_timeout=2)  # type: ignore[no-untyped-call, unused-ignore]
     master = sentinel.master_for("mymaster", socket_timeout=2)
     try:
         first, second = make(master), make(master)
