@@ -45,6 +45,7 @@ try:
     import redis.asyncio as aioredis
     from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.connection import parse_url
+    from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import (
@@ -56,7 +57,6 @@ try:
         ResponseError,
     )
     from redis.exceptions import TimeoutError as RedisTimeoutError
-    from redis.retry import Retry
 except ImportError:  # pragma: no cover - exercised by a test in a fresh environment
     raise ConfigurationError(
         "asgi_delegation.redis needs redis-py: pip install 'asgi-delegation[redis]'"
