@@ -82,8 +82,9 @@ def base_args(issuer: str, token: str) -> list[str]:
         issuer,
         "--resource",
         RESOURCE,
-        "--token",
-        token,
+        # One argument: an opaque token may start with "-", which argparse would take for an
+        # option.
+        f"--token={token}",
         "--client-id",
         CLIENT_ID,
         "--client-secret",
