@@ -14,6 +14,8 @@ from typing import Any
 import anyio
 import httpx
 
+from ._claims import frozen_object
+
 HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
 
 
@@ -45,16 +47,21 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 # Built once: json.loads with options constructs a new decoder on every call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+_FROZEN_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=frozen_object)
 
 
-def parse_json_object(raw: bytes, *, unique_keys: bool = False) -> dict[str, Any]:
+def parse_json_object(
+    raw: bytes, *, unique_keys: bool = False, frozen: bool = False
+) -> dict[str, Any]:
     """Parse ``raw`` as a JSON object; any parser failure becomes ``ValueError``.
 
     ``NaN`` and ``Infinity`` are refused; ``unique_keys`` refuses duplicate member names, which
-    different parsers resolve differently.
+    different parsers resolve differently; ``frozen`` does too, and makes the object read-only
+    (claims, as validated tokens keep them).
     """
+    decoder = _FROZEN_DECODER if frozen else _STRICT_DECODER if unique_keys else _DECODER
     try:
-        value = (_STRICT_DECODER if unique_keys else _DECODER).decode(raw.decode("utf-8"))
+        value = decoder.decode(raw.decode("utf-8"))
     except (ValueError, RecursionError, UnicodeDecodeError, TypeError) as exc:
         raise ValueError(f"not valid JSON ({type(exc).__name__})") from None
     if not isinstance(value, dict):

@@ -27,13 +27,13 @@ import anyio
 
 from . import _clock
 from ._audit import Auditor
+from ._claims import Common
 from ._client_auth import ClientAuth
 from ._discovery import Discovery
 from ._fetch import HEADERS, BodyRefused, parse_json_object, read_capped
 from ._http import HTTPClient
 from ._loops import PerLoop, Slot
 from ._refresh import Unavailable
-from ._scopes import Implied
 from ._singleflight import SingleFlight
 from ._tokens import InvalidToken, ValidToken, _numeric_date, valid_token
 
@@ -82,7 +82,7 @@ class Introspector:
         limiter: PerLoop[anyio.CapacityLimiter],
         deadline: float,
         auditor: Auditor,
-        implied: Implied,
+        common: Common,
     ) -> None:
         self._issuer = issuer
         self._audiences = audiences
@@ -95,7 +95,7 @@ class Introspector:
         self._limiter = limiter  # shared with the token exchanges
         self._deadline = deadline
         self._auditor = auditor
-        self._implied = implied
+        self._common = common
         # Disqualified tokens by digest: (forgotten at, monotonic; reason; member), oldest first.
         self._negative: OrderedDict[bytes, tuple[float, str, str | None]] = OrderedDict()
         self._negative_size = max(1, cache_size)
@@ -125,7 +125,7 @@ class Introspector:
         endpoint = await self._endpoint_url()
         started = time.perf_counter()
         try:
-            valid = self._judge(await self._post(endpoint, token), digest)
+            valid = self._judge(await self._post(endpoint, token))
         except _Unusable as exc:
             self._failures += 1
             self._auditor.fetched(_DOCUMENT, endpoint, started, str(exc), "POST")
@@ -223,7 +223,7 @@ class Introspector:
         except ValueError as exc:  # the message names the parser's failure, never the body
             raise _Unusable(f"answered {exc}") from None
 
-    def _judge(self, answer: dict[str, Any], digest: bytes) -> ValidToken:
+    def _judge(self, answer: dict[str, Any]) -> ValidToken:
         """The token an answer vouches for; raises :class:`_Unusable` for an answer of the
         wrong shape, then :class:`InvalidToken` for a token it disqualifies."""
         active = answer.get("active", _ABSENT)
@@ -274,8 +274,7 @@ class Introspector:
                 subject=subject,
                 scopes=scopes,
                 usable_until=end,
-                digest=digest,
-                implied=self._implied,
+                common=self._common,
                 issuer=self._issuer,
                 verified_by="introspection",
                 cache_until=min(end, now + self._cache_ttl),

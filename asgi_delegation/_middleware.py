@@ -19,6 +19,7 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 from . import _clock
 from ._answers import Answer, Answers
 from ._audit import AuditCallback, Auditor, AuthenticationEvent
+from ._claims import Common
 from ._client_auth import from_environment
 from ._context import AccessContext
 from ._current import _current
@@ -246,7 +247,7 @@ class DelegationMiddleware:
             http=self._http,
             auditor=auditor,
             tokens=self._tokens,
-            implied=implied,
+            common=Common(implied),
             limiter=limiter,
             timeout=timeout,
             cooldown=cooldown,
@@ -281,7 +282,7 @@ class DelegationMiddleware:
         self._answers = Answers(self._metadata.url, sorted(self._required))
         self._mounted: dict[str, Answers] = {}  # by root_path: the challenges name their URL
         self._tools = ToolScopes(tools, sorted(self._required)) if tools else None
-        self._principal = sdk_principal(resource, token_cache_size)
+        self._principal = sdk_principal(resource)
 
     @staticmethod
     def _public_paths(paths: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -469,11 +470,7 @@ class DelegationMiddleware:
                 200 if answer is None else answer.status,
                 None if valid is None else valid.shown_subject,
                 None if valid is None else valid.shown_client_id,
-                valid.token_id
-                if valid is not None
-                else None
-                if digest is None
-                else digest[:8].hex(),
+                None if digest is None else digest[:8].hex(),
                 path if path.isprintable() and len(path) <= MAX_CHARS else printable(path),
                 cached,
                 None if valid is None else valid.issuer,

@@ -15,16 +15,15 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from joserfc.jws import JWSRegistry
 
 from . import _clock
+from ._claims import Common, ReadOnlyDict, freeze
 from ._fetch import parse_json_object
 from ._jwks import JWKS, MAX_KID_LENGTH
 from ._printable import printable
-from ._scopes import Implied, with_implied
 
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # Headers that point at keys (honouring any would let the token choose its own key), critical
@@ -73,11 +72,13 @@ class ValidToken:
     cache_until: float  # when the validated-token cache forgets it (at most usable_until)
     # For audit events, worked out once per token rather than once per request:
     client_id: str | None  # the ``client_id`` or ``azp`` claim
-    token_id: str  # the first 16 hex digits of the token's SHA-256
     shown_subject: str  # the subject and client as log lines show them (escaped, bounded)
     shown_client_id: str | None
     issuer: str  # the configured issuer that vouched for the token
     verified_by: str  # "jwt" (signature) or "introspection" (RFC 7662)
+    # The MCP SDK's principal for the token, set on its first request when the SDK is in use:
+    # kept here, it is forgotten with the token and costs no cache entry of its own.
+    sdk: Any = None
 
 
 def valid_token(
@@ -86,8 +87,7 @@ def valid_token(
     subject: str,
     scopes: frozenset[str],
     usable_until: float,
-    digest: bytes,
-    implied: Implied,
+    common: Common,
     issuer: str,
     verified_by: str,
     cache_until: float | None = None,
@@ -95,18 +95,20 @@ def valid_token(
     """A :class:`ValidToken` from checked ``claims`` (a JWT's payload or an introspection
     answer), with everything worked out once per token; raises :class:`InvalidToken` when the
     claims cannot be frozen."""
+    kept = _frozen(claims)
+    common.share(kept)
     client_id = next(
-        (v for v in (claims.get("client_id"), claims.get("azp")) if isinstance(v, str)), None
+        (v for v in (kept.get("client_id"), kept.get("azp")) if isinstance(v, str)), None
     )
+    scopes, granted = common.scopes(scopes)
     return ValidToken(
         subject,
-        _frozen(claims),
+        kept,
         scopes,
-        with_implied(scopes, implied),
+        granted,
         usable_until,
         usable_until if cache_until is None else min(cache_until, usable_until),
         client_id,
-        digest[:8].hex(),
         printable(subject),
         None if client_id is None else printable(client_id),
         issuer,
@@ -140,25 +142,19 @@ def _b64decode(segment: bytes) -> bytes:
     return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
 
 
-def _frozen(claims: dict[str, Any]) -> Mapping[str, Any]:
-    # Cached claims are shared by every request carrying the token: make them immutable.
+def _frozen(claims: dict[str, Any]) -> ReadOnlyDict:
+    # Cached claims are shared by every request carrying the token: they must not change.
+    if type(claims) is ReadOnlyDict:  # parsed so (a JWT's segments are)
+        return claims
     try:
-        return _freeze(claims)  # type: ignore[no-any-return]
+        return freeze(claims)  # type: ignore[no-any-return]
     except RecursionError:  # nesting the JSON parser accepted but the stack cannot copy
         raise InvalidToken("malformed") from None
 
 
-def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
 def _parse_segment(segment: bytes) -> dict[str, Any]:
     try:
-        return parse_json_object(_b64decode(segment), unique_keys=True)
+        return parse_json_object(_b64decode(segment), frozen=True)
     except (ValueError, binascii.Error):
         raise InvalidToken("malformed") from None
 
@@ -201,7 +197,7 @@ def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
             continue
         if isinstance(value, str):
             scopes.update(value.split())
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        elif isinstance(value, tuple) and all(isinstance(v, str) for v in value):  # an array
             scopes.update(value)
         else:
             raise InvalidToken("malformed", name)
@@ -220,7 +216,7 @@ class TokenValidator:
         max_bytes: int,
         require_at_jwt: bool,
         cache: TokenCache,
-        implied: Implied,
+        common: Common,
     ) -> None:
         self._jwks = jwks
         self._issuer = issuer
@@ -232,7 +228,7 @@ class TokenValidator:
         self._require_typ = require_at_jwt
         self._verifiers = {alg: JWSRegistry.algorithms[alg] for alg in algorithms}
         self._cache = cache
-        self._implied = implied
+        self._common = common
 
     async def validate(self, token: bytes, digest: bytes) -> ValidToken:
         """Validate ``token`` in full; raises :class:`InvalidToken`. The caller caches it."""
@@ -285,8 +281,7 @@ class TokenValidator:
             subject=subject,
             scopes=scopes,
             usable_until=usable_until,
-            digest=digest,
-            implied=self._implied,
+            common=self._common,
             issuer=self._issuer,
             verified_by="jwt",
         )
@@ -315,7 +310,7 @@ class TokenValidator:
 def _audiences(aud: object) -> Iterable[str]:
     if isinstance(aud, str):
         return (aud,)
-    if isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+    if isinstance(aud, tuple) and all(isinstance(a, str) for a in aud):
         return aud
     if aud is None:
         return ()

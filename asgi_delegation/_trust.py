@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 
 from ._audit import Auditor
+from ._claims import Common
 from ._discovery import Discovery
 from ._exchange import Exchanger
 from ._fetch import parse_json_object
@@ -31,7 +32,6 @@ from ._introspection import Introspector
 from ._issuer import Issuer
 from ._jwks import JWKS
 from ._loops import PerLoop
-from ._scopes import Implied
 from ._tokens import InvalidToken, TokenCache, TokenValidator, ValidToken
 
 # RFC 6750 2.1 b64token: what an opaque token must look like before it is sent anywhere.
@@ -46,7 +46,7 @@ class Shared:
     http: HTTPClient
     auditor: Auditor
     tokens: TokenCache
-    implied: Implied
+    common: Common  # what validated tokens repeat, kept once for every issuer
     limiter: PerLoop[anyio.CapacityLimiter]
     timeout: float
     cooldown: float
@@ -82,7 +82,7 @@ class Trust:
             max_bytes=shared.max_token_bytes,
             require_at_jwt=shared.require_at_jwt,
             cache=shared.tokens,
-            implied=shared.implied,
+            common=shared.common,
         )
         self.exchanger = shared.exchanger(
             discovery,
@@ -110,7 +110,7 @@ class Trust:
                 limiter=shared.limiter,
                 deadline=shared.timeout,
                 auditor=shared.auditor,
-                implied=shared.implied,
+                common=shared.common,
             )
 
     async def verify_jwt(self, token: bytes, digest: bytes) -> ValidToken:

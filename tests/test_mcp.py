@@ -494,3 +494,101 @@ asyncio.run(main())
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.split() == ["204", "[[]]", "False"], done.stderr
+
+
+async def principals(
+    tokens: list[str], monkeypatch: pytest.MonkeyPatch | None = None, **options: Any
+) -> list[tuple[Any, Any, Any]]:
+    """(scope["user"], scope["auth"], the access context) of one request per token."""
+    seen: list[tuple[Any, Any, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope["user"], scope["auth"], scope["state"]["access_context"]))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    auth = PRINCIPAL_AUTH
+    middleware = DelegationMiddleware(
+        app,
+        issuer=auth.issuer,
+        resource=PRINCIPAL_RESOURCE,
+        http_client=auth.http_client(),
+        **options,
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=middleware), base_url="http://127.0.0.1:8000"
+    ) as http:
+        for token in tokens:
+            answer = await http.get("/mcp", headers={"authorization": f"Bearer {token}"})
+            assert answer.status_code == 204
+    await middleware.aclose()
+    return seen
+
+
+PRINCIPAL_AUTH = LocalAuthorizationServer()
+PRINCIPAL_RESOURCE = "http://127.0.0.1:8000/mcp"
+
+
+def principal_token(subject: str, scope: str = "read write") -> str:
+    return PRINCIPAL_AUTH.mint(subject, audience=PRINCIPAL_RESOURCE, scope=scope)
+
+
+async def test_principals_share_the_entry_and_scope_lists_no_request_can_change() -> None:
+    tokens = [principal_token("alice"), principal_token("bob"), principal_token("carol", "read")]
+    (alice, alice_auth, alice_ctx), (bob, bob_auth, _), (carol, carol_auth, _) = await principals(
+        tokens
+    )
+    assert alice.access_token.claims is alice_ctx.claims  # the validated claims, not a copy
+    assert alice.scopes == ["read", "write"]
+    assert carol.scopes == ["read"]
+    assert alice.scopes is bob.scopes
+    assert alice_auth is bob_auth
+    assert alice_auth.scopes is alice.scopes
+    assert carol_auth is not alice_auth
+    mutators: tuple[Callable[[Any], object], ...] = (
+        lambda s: s.append("admin"),
+        lambda s: s.__setitem__(0, "admin"),
+        lambda s: s.sort(),
+    )
+    for mutate in mutators:
+        with pytest.raises(TypeError, match="read-only"):
+            mutate(alice.access_token.scopes)
+    with pytest.raises(TypeError, match="read-only"):
+        alice.access_token.claims["sub"] = "bob"
+    assert bob.scopes == ["read", "write"]
+    assert bob.access_token.subject == "bob"
+    dumped = alice.access_token.model_dump()
+    assert dumped["scopes"] == ["read", "write"]
+    assert dumped["claims"]["sub"] == "alice"
+    assert json.loads(alice.access_token.model_dump_json())["subject"] == "alice"
+    assert alice.access_token.model_fields_set == set(type(alice.access_token).model_fields)
+    copied = alice.access_token.model_copy(deep=True)
+    assert copied == alice.access_token
+    assert copied.scopes == ["read", "write"]
+
+
+async def test_a_principal_is_forgotten_with_its_token() -> None:
+    alice, bob = principal_token("alice"), principal_token("bob")
+    seen = await principals([alice, alice, bob, alice], token_cache_size=1)
+    users = [user for user, _, _ in seen]
+    assert users[0] is users[1]  # cached with the token
+    assert users[3] is not users[0]  # its token was evicted by bob's: built again
+    assert users[3].access_token.subject == "alice"
+
+
+async def test_an_sdk_model_that_changed_is_built_by_validation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A model whose fields are not the ones the direct build knows: pydantic validates them.
+    from asgi_delegation import _mcp_principal
+
+    monkeypatch.setattr(_mcp_principal, "_FIELDS", ("token",))
+    ((user, credentials, context),) = await principals([principal_token("alice")])
+    access_token = user.access_token
+    assert (access_token.subject, access_token.scopes, credentials.scopes) == (
+        "alice",
+        ["read", "write"],
+        ["read", "write"],
+    )
+    assert access_token.claims == context.claims
+    assert access_token.token not in repr(access_token)

@@ -1140,9 +1140,7 @@ async def _introspection(
     assert introspector is not None  # introspection=True, with a client, makes one
     probe = token_urlsafe(32)
     try:
-        introspector._judge(
-            await introspector._post(endpoint, probe), sha256(probe.encode()).digest()
-        )
+        introspector._judge(await introspector._post(endpoint, probe))
     except _Unusable as exc:
         cause, fix = _no_verdict(str(exc))
         return Check(name, FAIL, f"{endpoint} {exc}{cause}", fix)
