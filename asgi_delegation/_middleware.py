@@ -9,7 +9,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
 from hashlib import sha256
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qsl
 
 import anyio
@@ -236,6 +236,7 @@ class DelegationMiddleware:
         # Every argument is checked by now: nothing below can fail and leave a client open.
         self._http = HTTPClient(http_client, timeout=timeout)
         self._auditor = auditor = Auditor(on_audit, sink)
+        self._stats = auditor.stats
         self._tokens = TokenCache(token_cache_size)
         self._shared: SharedCache | None = shared_cache
         if shared_cache is not None:
@@ -279,6 +280,7 @@ class DelegationMiddleware:
         self._exchanger = self._only.exchanger if self._only is not None else None
         self._opaque = next((trust for trust in trusts if trust.opaque), None)
         self._metadata = ResourceMetadata(resource, list(self._trusts), supported)
+        self._exempt = self._public_exact | self._metadata.paths
         self._answers = Answers(self._metadata.url, sorted(self._required))
         self._mounted: dict[str, Answers] = {}  # by root_path: the challenges name their URL
         self._tools = ToolScopes(tools, sorted(self._required)) if tools else None
@@ -311,12 +313,14 @@ class DelegationMiddleware:
         answers = self._answers
         if scope.get("root_path"):
             path, answers = self._within_mount(scope)
-        if http and path in self._metadata.paths:
-            await self._metadata.serve(scope["method"], send)
-            return
-        if path in self._public_exact or (
-            self._public_prefixes and self._under_public_prefix(path)
-        ):
+        if path in self._exempt:  # one lookup on the way of every other request
+            if http and path in self._metadata.paths:
+                await self._metadata.serve(scope["method"], send)
+                return
+            if path in self._public_exact:
+                await self.app(scope, receive, send)
+                return
+        elif self._public_prefixes and self._under_public_prefix(path):
             await self.app(scope, receive, send)
             return
         if http and scope["method"] == "OPTIONS" and _is_preflight(scope):
@@ -324,7 +328,9 @@ class DelegationMiddleware:
             # treats it as any other request must not hand out a body without a token.
             await self.app(scope, receive, _without_body(send))
             return
-        outcome, receive = await self._authenticate(scope, receive, answers)
+        outcome = self._authenticate(scope, answers)
+        if isinstance(outcome, _Unsettled):
+            outcome, receive = await self._settle(scope, receive, answers, outcome)
         if isinstance(outcome, Answer):
             if http:
                 await outcome.send_http(send)
@@ -332,7 +338,10 @@ class DelegationMiddleware:
                 await receive()  # the websocket.connect event, answered by the refusal
                 await outcome.refuse_websocket(send)
             return
-        scope.setdefault("state", {})["access_context"] = outcome
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = state = {}
+        state["access_context"] = outcome
         current = _current.set(outcome)
         principal = self._principal
         if principal is not None:
@@ -361,35 +370,51 @@ class DelegationMiddleware:
     def _under_public_prefix(self, path: str) -> bool:
         return not _DOT_SEGMENT.search(path) and path.startswith(self._public_prefixes)
 
-    async def _authenticate(
-        self, scope: Scope, receive: Receive, answers: Answers
-    ) -> tuple[AccessContext | Answer, Receive]:
-        """The access context or the refusal, and the ``receive`` to go on with."""
+    def _authenticate(self, scope: Scope, answers: Answers) -> AccessContext | Answer | _Unsettled:
+        """The access context or the refusal when no await is needed to decide (the token
+        validated before, no tool scopes to read from the body: most requests), else what
+        :meth:`_settle` goes on with. Not a coroutine, for the requests it decides."""
         header = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if header is not None:
-                    return self._refused(scope, _TWO_HEADERS), receive
+                    return self._refused(scope, _TWO_HEADERS)
                 header = value
         query = scope["query_string"]
         # The name may arrive percent-encoded (access%5Ftoken): then only parsing can tell.
         if (b"access_token" in query or b"%" in query) and _query_has_token(query):
             answer = _TOKEN_IN_HEADER_AND_QUERY if header is not None else _TOKEN_IN_QUERY
-            return self._refused(scope, answer), receive
+            return self._refused(scope, answer)
         if header is None:
-            return self._refused(scope, answers.missing), receive
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return self._refused(scope, answers.missing), receive
+            return self._refused(scope, answers.missing)
+        if header.startswith(b"Bearer "):  # the spelling clients send: one copy, no more
+            token = header[7:]
+        else:
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer":
+                return self._refused(scope, answers.missing)
         token = token.strip(b" ")
         if not token:
-            return self._refused(scope, _EMPTY_TOKEN), receive
+            return self._refused(scope, _EMPTY_TOKEN)
         digest = sha256(token).digest()
-        stats = self._auditor.stats
         valid = self._tokens.get(digest)
-        cached = valid is not None
+        stats = self._stats
         if valid is None:
             stats.token_misses += 1
+            return _Unsettled(token, digest, None)
+        stats.token_hits += 1
+        if self._tools is not None and scope["type"] == "http":
+            return _Unsettled(token, digest, valid)
+        return self._admit(scope, answers, token, digest, valid, cached=True)
+
+    async def _settle(
+        self, scope: Scope, receive: Receive, answers: Answers, unsettled: _Unsettled
+    ) -> tuple[AccessContext | Answer, Receive]:
+        """The access context or the refusal of a token not validated before, or of a request
+        whose tools' scopes are in its body; and the ``receive`` to go on with."""
+        token, digest, valid = unsettled
+        cached = valid is not None
+        if valid is None:
             try:
                 valid = await self._verify(token, digest)
             except InvalidToken as exc:
@@ -397,27 +422,40 @@ class DelegationMiddleware:
                 return self._refused(scope, answer, digest), receive
             except Unavailable as exc:
                 return self._refused(scope, Answers.unavailable(exc.retry_after), digest), receive
-        else:
-            stats.token_hits += 1
-        if not self._required <= valid.granted:
-            answer = answers.insufficient_scope
-            return self._refused(scope, answer, digest, valid, cached=cached), receive
         # Any spelling of POST: a server that normalizes the method must not skip the check.
         tools = self._tools
         if tools is not None and scope["type"] == "http" and scope["method"].upper() == "POST":
+            if not self._required <= valid.granted:  # told before any body is read
+                answer = answers.insufficient_scope
+                return self._refused(scope, answer, digest, valid, cached=cached), receive
             refusal, receive = await tools.check(scope, receive, valid.granted)
             if refusal is not None:
                 if not isinstance(refusal, Answer):
                     refusal = answers.insufficient_scope_for(refusal)
                 return self._refused(scope, refusal, digest, valid, cached=cached), receive
-        stats.accepted += 1
+        return self._admit(scope, answers, token, digest, valid, cached=cached), receive
+
+    def _admit(
+        self,
+        scope: Scope,
+        answers: Answers,
+        token: bytes,
+        digest: bytes,
+        valid: ValidToken,
+        *,
+        cached: bool,
+    ) -> AccessContext | Answer:
+        if not self._required <= valid.granted:
+            answer = answers.insufficient_scope
+            return self._refused(scope, answer, digest, valid, cached=cached)
+        self._stats.accepted += 1
         # A token's first acceptance is an INFO event (its later requests only DEBUG ones),
         # logged at DEBUG: in a process that logs at INFO, as MCP servers do, writing a line
         # for every new caller would cost more than validating its token.
         if self._auditor.wants(logging.DEBUG if cached else logging.INFO, logging.DEBUG):
             self._audit(scope, None, digest, valid, cached)
         exchanger = self._exchanger or self._trusts[valid.issuer].exchanger
-        return AccessContext(valid, token, digest, exchanger), receive
+        return AccessContext(valid, token, digest, exchanger)
 
     async def _verify(self, token: bytes, digest: bytes) -> ValidToken:
         """Validate a token not seen before with its issuer's pieces, and cache the result;
@@ -534,6 +572,15 @@ class DelegationMiddleware:
             await send(message)
 
         return send_then_close
+
+
+class _Unsettled(NamedTuple):
+    """A request whose authentication needs an await: its token, digest, and the validated
+    token when cached."""
+
+    token: bytes
+    digest: bytes
+    valid: ValidToken | None
 
 
 def _is_preflight(scope: Scope) -> bool:
