@@ -61,7 +61,15 @@ def parse_json_object(
     """
     decoder = _FROZEN_DECODER if frozen else _STRICT_DECODER if unique_keys else _DECODER
     try:
-        value = decoder.decode(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        # The scanner alone takes a document with nothing around its value (a token's
+        # segments); decode() also skips whitespace around it, and words every error.
+        try:
+            value, end = decoder.scan_once(text, 0)  # type: ignore[attr-defined]  # not in typeshed
+        except StopIteration:
+            end = -1
+        if end != len(text):
+            value = decoder.decode(text)
     except (ValueError, RecursionError, UnicodeDecodeError, TypeError) as exc:
         raise ValueError(f"not valid JSON ({type(exc).__name__})") from None
     if not isinstance(value, dict):

@@ -84,9 +84,7 @@ class SdkPrincipal:
         valid = context._valid
         pair = valid.sdk
         if pair is None:
-            pair = self._build(context)
-            # The entry is frozen for what was validated; this slot is filled once, here.
-            object.__setattr__(valid, "sdk", pair)
+            valid.sdk = pair = self._build(context)
         scope["user"], scope["auth"] = pair
         return self._var.set(pair[0])
 

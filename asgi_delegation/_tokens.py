@@ -8,7 +8,6 @@ Validated tokens are cached under a hash of the token until they expire.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 import re
@@ -26,6 +25,8 @@ from ._jwks import JWKS, MAX_KID_LENGTH
 from ._printable import printable
 
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_BASE64URL = bytes.maketrans(b"-_+/", b"+/-_")
+_MAX_HEADERS = 16
 # Headers that point at keys (honouring any would let the token choose its own key), critical
 # extensions (none is understood here) and unencoded payloads (RFC 7797): all refused.
 REFUSED_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit", "b64"})
@@ -62,7 +63,9 @@ class InvalidToken(Exception):
         self.member = member
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: the dataclass's frozen __init__ costs a microsecond per validated token. Nothing
+# changes a ValidToken after it is made but its ``sdk`` slot, filled once.
+@dataclass(slots=True, eq=False)
 class ValidToken:
     subject: str
     claims: Mapping[str, Any]
@@ -139,7 +142,13 @@ class TokenCache:
 
 
 def _b64decode(segment: bytes) -> bytes:
-    return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    """An unpadded base64url segment, decoded strictly: any other character ('+', '/', '=',
+    whitespace) raises ``binascii.Error``, so that no two spellings decode alike."""
+    if b"=" in segment:
+        raise binascii.Error("padding")
+    # '-' and '_' become '+' and '/', and '+' and '/' become characters strict mode refuses.
+    standard = segment.translate(_BASE64URL) + b"=" * (-len(segment) % 4)
+    return binascii.a2b_base64(standard, strict_mode=True)
 
 
 def _frozen(claims: dict[str, Any]) -> ReadOnlyDict:
@@ -229,15 +238,24 @@ class TokenValidator:
         self._verifiers = {alg: JWSRegistry.algorithms[alg] for alg in algorithms}
         self._cache = cache
         self._common = common
+        self._headers: dict[bytes, dict[str, Any]] = {}  # by segment: read-only, so shared
 
     async def validate(self, token: bytes, digest: bytes) -> ValidToken:
         """Validate ``token`` in full; raises :class:`InvalidToken`. The caller caches it."""
         if len(token) > self._max_bytes:
             raise InvalidToken("too_large")
-        if not _COMPACT_JWS.fullmatch(token):
+        segments = token.split(b".")
+        if len(segments) != 3 or not all(segments):
             raise InvalidToken("malformed")
-        header_segment, payload_segment, signature_segment = token.split(b".")
-        header = _parse_segment(header_segment)
+        header_segment, payload_segment, signature_segment = segments
+        try:  # strictly: every character outside the base64url alphabet is refused here
+            signature = _b64decode(signature_segment)
+        except binascii.Error:
+            raise InvalidToken("malformed") from None
+        # An issuer's tokens share a handful of headers: parsed once, judged every time.
+        header = self._headers.get(header_segment)
+        if header is None:
+            header = _parse_segment(header_segment)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise InvalidToken("algorithm")
@@ -269,13 +287,15 @@ class TokenValidator:
         # signature directly rather than parsing the whole token a second time.
         signing_input = token[: len(header_segment) + 1 + len(payload_segment)]
         try:
-            verified = self._verifiers[alg].verify(
-                signing_input, _b64decode(signature_segment), signing_key.key
-            )
+            verified = self._verifiers[alg].verify(signing_input, signature, signing_key.key)
         except Exception:  # a signature of the wrong shape for the key: never a 500
             verified = False
         if not verified:
             raise InvalidToken("bad_signature")
+        if header_segment not in self._headers:  # only a signed header is kept
+            if len(self._headers) >= _MAX_HEADERS:
+                self._headers.clear()  # keys rotated many times: start again
+            self._headers[header_segment] = header
         return valid_token(
             claims,
             subject=subject,

@@ -180,3 +180,24 @@ async def test_tokens_validated_through_the_middleware_share_what_they_repeat() 
     assert alice._valid.granted is bob._valid.granted
     with pytest.raises(TypeError):
         alice.claims["sub"] = "bob"
+
+
+@given(
+    obj=json_objects,
+    before=st.sampled_from(["", " ", "\n\t "]),
+    after=st.sampled_from(["", " ", "\r\n", "x", "{}", " 1", ","]),
+    frozen=st.booleans(),
+)
+def test_the_parser_agrees_with_json_loads_on_what_surrounds_the_value(
+    obj: dict[str, Any], before: str, after: str, frozen: bool
+) -> None:
+    text = before + json.dumps(obj) + after
+    try:
+        expected: Any = json.loads(text)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: Any = parse_json_object(text.encode(), frozen=frozen)
+    except ValueError:
+        got = ValueError
+    assert got == (tupled(expected) if frozen and expected is not ValueError else expected)

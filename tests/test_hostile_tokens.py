@@ -8,6 +8,7 @@ JSON ``error`` (also the ``error`` of the ``WWW-Authenticate`` challenge) and, f
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -19,9 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from joserfc.jwk import RSAKey
 from joserfc.jws import JWSRegistry
 
+from asgi_delegation._tokens import _b64decode
 from asgi_delegation.testing import LocalAuthorizationServer
 
 from .conftest import RESOURCE, Gateway
@@ -506,3 +510,22 @@ async def test_scheme_is_case_insensitive(
 
 def test_the_table_is_large_enough() -> None:
     assert len(ROWS) >= 45
+
+
+@given(
+    data=st.binary(max_size=64),
+    where=st.integers(min_value=0),
+    odd=st.sampled_from("+/= \n\t.\x00\xff"),
+)
+def test_a_segment_decodes_only_as_unpadded_base64url(data: bytes, where: int, odd: str) -> None:
+    # One spelling per value: a second one (padded, standard alphabet, spaces) would be a
+    # different token string for the same signed bytes.
+    segment = base64.urlsafe_b64encode(data).rstrip(b"=")
+    assert _b64decode(segment) == data
+    at = where % (len(segment) + 1)
+    spelled = segment[:at] + odd.encode("latin-1") + segment[at:]
+    with pytest.raises(binascii.Error):
+        _b64decode(spelled)
+    if segment != base64.b64encode(data).rstrip(b"="):  # it holds '-' or '_'
+        with pytest.raises(binascii.Error):
+            _b64decode(base64.b64encode(data).rstrip(b"="))
