@@ -320,7 +320,7 @@ class DelegationMiddleware:
             if path in self._public_exact:
                 await self.app(scope, receive, send)
                 return
-        elif self._public_prefixes and self._under_public_prefix(path):
+        if self._public_prefixes and self._under_public_prefix(path):
             await self.app(scope, receive, send)
             return
         if http and scope["method"] == "OPTIONS" and _is_preflight(scope):

@@ -291,6 +291,50 @@ async def test_websocket_handshake(
         assert sent == [{"type": "websocket.close", "code": 1008, "reason": "unauthorized"}]
 
 
+@pytest.mark.parametrize(
+    ("kind", "path", "public", "reaches"),
+    [
+        # (a metadata path is the metadata's over HTTP, whatever else it is)
+        ("http", "/.well-known/oauth-protected-resource/mcp", ["/.well-known/"], "metadata"),
+        ("http", "/.well-known/oauth-protected-resource/mcp", [], "metadata"),
+        ("websocket", "/.well-known/oauth-protected-resource/mcp", ["/.well-known/"], "app"),
+        ("websocket", "/.well-known/oauth-protected-resource/mcp", [], "refused"),
+        ("http", "/health", ["/health"], "app"),
+        ("websocket", "/health", ["/health"], "app"),
+        ("http", "/docs/page", ["/docs/"], "app"),
+        ("http", "/docs/../mcp", ["/docs/"], "refused"),
+        ("http", "/healthz", ["/health"], "refused"),
+    ],
+)
+async def test_what_reaches_the_app_without_a_token(
+    auth: LocalAuthorizationServer, kind: str, path: str, public: list[str], reaches: str
+) -> None:
+    middleware = DelegationMiddleware(
+        echo_app,
+        issuer=auth.issuer,
+        resource=RESOURCE,
+        http_client=auth.http_client(),
+        public_paths=public,
+    )
+    scope = _http_scope([], path=path, raw_path=path.encode())
+    incoming: list[dict[str, Any]] = [{"type": "http.request", "body": b""}]
+    if kind == "websocket":
+        scope = {**scope, "type": "websocket", "scheme": "ws", "subprotocols": []}
+        del scope["method"]
+        incoming = [{"type": "websocket.connect"}, {"type": "websocket.disconnect"}]
+    sent = await _drive(middleware, scope, incoming)
+    await middleware.aclose()
+    if reaches == "refused":
+        first = sent[0]
+        assert first.get("status") == 401 or first.get("code") == 1008, sent
+    elif reaches == "metadata":
+        assert sent[0]["status"] == 200
+        assert json.loads(sent[1]["body"])["resource"] == RESOURCE
+    else:
+        body = sent[1]["body"] if kind == "http" else sent[1]["text"]
+        assert json.loads(body) == {"path": path, "subject": None, "scopes": None}
+
+
 async def test_lifespan_passes_through_and_closes_only_its_own_client() -> None:
     messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
