@@ -329,15 +329,16 @@ class DelegationMiddleware:
             await self.app(scope, receive, _without_body(send))
             return
         outcome = self._authenticate(scope, answers)
-        if isinstance(outcome, _Unsettled):
-            outcome, receive = await self._settle(scope, receive, answers, outcome)
-        if isinstance(outcome, Answer):
-            if http:
-                await outcome.send_http(send)
-            else:
-                await receive()  # the websocket.connect event, answered by the refusal
-                await outcome.refuse_websocket(send)
-            return
+        if type(outcome) is not AccessContext:
+            if isinstance(outcome, _Unsettled):
+                outcome, receive = await self._settle(scope, receive, answers, outcome)
+            if isinstance(outcome, Answer):
+                if http:
+                    await outcome.send_http(send)
+                else:
+                    await receive()  # the websocket.connect event, answered by the refusal
+                    await outcome.refuse_websocket(send)
+                return
         state = scope.get("state")
         if state is None:
             scope["state"] = state = {}
@@ -405,7 +406,7 @@ class DelegationMiddleware:
         stats.token_hits += 1
         if self._tools is not None and scope["type"] == "http":
             return _Unsettled(token, digest, valid)
-        return self._admit(scope, answers, token, digest, valid, cached=True)
+        return self._admit(scope, answers, token, digest, valid, True)
 
     async def _settle(
         self, scope: Scope, receive: Receive, answers: Answers, unsettled: _Unsettled
@@ -433,7 +434,7 @@ class DelegationMiddleware:
                 if not isinstance(refusal, Answer):
                     refusal = answers.insufficient_scope_for(refusal)
                 return self._refused(scope, refusal, digest, valid, cached=cached), receive
-        return self._admit(scope, answers, token, digest, valid, cached=cached), receive
+        return self._admit(scope, answers, token, digest, valid, cached), receive
 
     def _admit(
         self,
@@ -442,10 +443,10 @@ class DelegationMiddleware:
         token: bytes,
         digest: bytes,
         valid: ValidToken,
-        *,
         cached: bool,
     ) -> AccessContext | Answer:
-        if not self._required <= valid.granted:
+        required = self._required
+        if required and not required <= valid.granted:
             answer = answers.insufficient_scope
             return self._refused(scope, answer, digest, valid, cached=cached)
         self._stats.accepted += 1
