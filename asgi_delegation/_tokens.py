@@ -254,6 +254,7 @@ class TokenValidator:
             raise InvalidToken("malformed") from None
         # An issuer's tokens share a handful of headers: parsed once, judged every time.
         header = self._headers.get(header_segment)
+        known = header is not None
         if header is None:
             header = _parse_segment(header_segment)
         alg = header.get("alg")
@@ -292,7 +293,7 @@ class TokenValidator:
             verified = False
         if not verified:
             raise InvalidToken("bad_signature")
-        if header_segment not in self._headers:  # only a signed header is kept
+        if not known:  # only a signed header is kept
             if len(self._headers) >= _MAX_HEADERS:
                 self._headers.clear()  # keys rotated many times: start again
             self._headers[header_segment] = header

@@ -223,8 +223,6 @@ class RedisGrantCache:
             issued, _ = await self._lookup(self._state(), self._names(item), accept)
         except _Down:
             return None, False
-        if issued is not None:
-            self._counts["hit"] += 1
         return issued, True
 
     async def obtain(
@@ -239,7 +237,6 @@ class RedisGrantCache:
             except _Down:
                 return await fetch()
             if issued is not None:
-                self._counts["hit"] += 1
                 return issued
         self._counts["miss"] += 1
         return await self._single_flight(state, names, generation, item, fetch, accept)
@@ -358,6 +355,7 @@ class RedisGrantCache:
                 continue
             issued, written_under = found
             if written_under == generation and accept(issued):
+                self._counts["hit"] += 1  # every hit is this, whoever looked
                 return issued, newest
         return None, newest
 
@@ -410,7 +408,6 @@ class RedisGrantCache:
             except _Down:
                 return await fetch()
             if issued is not None:
-                self._counts["hit"] += 1
                 return issued
         # The holder has had its whole lease (it died, or its exchange is that slow): go alone.
         issued = await fetch()
@@ -436,7 +433,6 @@ class RedisGrantCache:
             except _Down:
                 issued = None
             if issued is not None:
-                self._counts["hit"] += 1
                 return issued
             issued = await fetch()
             await self._store(state, newest, generation, item, issued)
