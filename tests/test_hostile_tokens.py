@@ -529,3 +529,26 @@ def test_a_segment_decodes_only_as_unpadded_base64url(data: bytes, where: int, o
     if segment != base64.b64encode(data).rstrip(b"="):  # it holds '-' or '_'
         with pytest.raises(binascii.Error):
             _b64decode(base64.b64encode(data).rstrip(b"="))
+
+
+async def test_kept_headers_are_signed_ones_bounded_and_still_judged(
+    auth: LocalAuthorizationServer, gateway: Gateway
+) -> None:
+    trust = gateway.middleware._only
+    assert trust is not None
+    kept = trust.validator._headers
+    for n in range(20):  # twenty distinct headers, all signed: the table stays bounded
+        token = auth.mint("alice", audience=RESOURCE, header={"n": n})
+        assert (await gateway.get(token)).status_code == 200
+        assert 1 <= len(kept) <= 16
+    signed = auth.mint("alice", audience=RESOURCE, header={"n": "forged"})
+    forged = signed.rsplit(".", 1)[0] + "." + token.rsplit(".", 1)[1]  # another's signature
+    assert (await gateway.get(forged)).status_code == 401
+    assert forged.split(".")[0].encode() not in kept  # a header is kept only once it verified
+    known = next(iter(kept))
+    expired = auth.mint("alice", audience=RESOURCE, expires_in=-3600)
+    late = known.decode() + "." + expired.split(".", 1)[1]  # a kept header, expired claims
+    answer = await gateway.get(late)
+    assert answer.status_code == 401
+    assert 'error="invalid_token"' in answer.headers["www-authenticate"]
+    assert answer.json()["error_description"] == "The access token has expired"
